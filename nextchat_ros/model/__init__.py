@@ -1,0 +1,10 @@
+"""The NExT-Chat (pixel2emb) model, one component a file."""
+
+from .build import build_model
+from .checkpoint import load_pretrained, load_released, save_pretrained, save_released_layout
+from .config import PRESETS, NextChatConfig, get_preset
+from .nextchat import NextChatModel, TrainingBatch
+from .tokenizer import TextTokenizer
+
+__all__ = ["build_model", "load_pretrained", "load_released", "save_pretrained", "save_released_layout",
+           "PRESETS", "NextChatConfig", "get_preset", "NextChatModel", "TrainingBatch", "TextTokenizer"]

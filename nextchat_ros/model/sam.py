@@ -1,0 +1,132 @@
+"""SAM for pixel2emb: segment-anything's real image encoder, prompt encoder and
+mask decoder, with NExT-Chat's centre padding and an extra set of prompt tokens
+that come from the LLM instead of from clicks.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from torch import nn
+
+from .config import SamConfig
+
+
+class SamMaskHead(nn.Module):
+    """Image encoder + prompt encoder + mask decoder.
+
+    Geometry: the image is resized so its longest side is ``image_size`` and
+    centred on a square canvas (zeros after normalisation), so a box normalised
+    to the centre-padded square maps to SAM coordinates by ``* image_size``.
+    """
+
+    def __init__(self, config: SamConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoderViT(
+            depth=config.encoder_depth,
+            embed_dim=config.encoder_embed_dim,
+            img_size=config.image_size,
+            mlp_ratio=config.mlp_ratio,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=config.encoder_num_heads,
+            patch_size=config.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(config.encoder_global_attn_indexes),
+            window_size=config.window_size,
+            out_chans=config.prompt_embed_dim,
+        )
+        side = config.embedding_size
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=config.prompt_embed_dim,
+            image_embedding_size=(side, side),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=config.mask_in_chans,
+        )
+        self.mask_decoder = MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=config.decoder_depth, embedding_dim=config.prompt_embed_dim,
+                mlp_dim=config.decoder_mlp_dim, num_heads=config.decoder_num_heads,
+            ),
+            transformer_dim=config.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(3, 1, 1), persistent=False)
+
+    # --- geometry ------------------------------------------------------------------
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        scale = self.config.image_size / max(height, width)
+        return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (H, W, 3) -> (3, S, S) normalised, resized, centre-padded."""
+        h, w = image.shape[:2]
+        rh, rw = self.resized_shape(h, w)
+        x = image.permute(2, 0, 1).float()[None]
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
+        x = (x - self.pixel_mean.cpu()) / self.pixel_std.cpu()
+        size = self.config.image_size
+        canvas = torch.zeros(3, size, size)
+        top, left = (size - rh) // 2, (size - rw) // 2
+        canvas[:, top:top + rh, left:left + rw] = x
+        return canvas
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, prompt_dim, S/patch, S/patch)."""
+        return self.image_encoder(pixels)
+
+    # --- masks ---------------------------------------------------------------------
+    def decode_masks(
+        self,
+        image_embedding: torch.Tensor,
+        boxes: torch.Tensor,
+        prompt_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks for N objects of ONE image.
+
+        image_embedding: (1, C, h, w); boxes: (N, 4) normalised xyxy in the
+        centre-padded square; prompt_tokens: (N, T, C) from the seg prompt MLP.
+        Returns low-resolution mask logits (N, 1, 4h, 4w) and predicted IoU (N, 1).
+        (segment-anything's MaskDecoder expands one image over its prompts, so a
+        batch of images is decoded one image at a time.)
+        """
+        sam_boxes = boxes * self.config.image_size
+        box_tokens, dense = self.prompt_encoder(points=None, boxes=sam_boxes, masks=None)
+        sparse = torch.cat([prompt_tokens.to(box_tokens.dtype), box_tokens], dim=1)
+        return self.mask_decoder(
+            image_embeddings=image_embedding,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+
+    def postprocess_masks(self, low_res: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Low-res logits (N, 1, h, w) -> logits at the original image size (N, H, W)."""
+        size = self.config.image_size
+        masks = F.interpolate(low_res.float(), size=(size, size), mode="bilinear", align_corners=False)
+        rh, rw = self.resized_shape(height, width)
+        top, left = (size - rh) // 2, (size - rw) // 2
+        masks = masks[..., top:top + rh, left:left + rw]
+        masks = F.interpolate(masks, size=(height, width), mode="bilinear", align_corners=False)
+        return masks[:, 0]
+
+    def target_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """Ground-truth masks (N, H, W) in original pixels -> (N, 1, 4h, 4w) targets
+        in the low-res frame of the decoder's output (training)."""
+        n, h, w = masks.shape
+        size = self.config.image_size
+        rh, rw = self.resized_shape(h, w)
+        x = F.interpolate(masks[:, None].float(), size=(rh, rw), mode="bilinear", align_corners=False)
+        canvas = torch.zeros(n, 1, size, size, dtype=x.dtype, device=x.device)
+        top, left = (size - rh) // 2, (size - rw) // 2
+        canvas[..., top:top + rh, left:left + rw] = x
+        low = self.config.embedding_size * 4
+        return (F.interpolate(canvas, size=(low, low), mode="bilinear", align_corners=False) > 0.5).float()

@@ -1,0 +1,274 @@
+"""The predictor: encode a camera frame once, then answer any number of queries.
+
+In the spirit of segment-anything's ``SamPredictor``: :meth:`set_image` runs the
+vision tower, the SAM image encoder and the LLM over the system + image prefix,
+and keeps all three (the last as a KV cache). :meth:`ask` then pays only for its
+own tokens, the box heads and SAM's mask decoder. After each query the KV cache
+is cropped back to the prefix, so queries never see each other.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from .errors import ImageError, QueryError
+from .images import (DEFAULT_MAX_IMAGE_PIXELS, normalized_to_pixels, pixels_to_normalized, validate_image,
+                     validate_regions)
+from .model.nextchat import NextChatModel
+
+MODES = ("generate", "ground")
+# Leading words that are not part of an object's name in a phrase.
+_PHRASE_LEAD = re.compile(r"^(?:answer:|and|or|with|then|also|is|are|it is|there is|there are)\s+", re.I)
+_QUERY_LEAD = re.compile(
+    r"^(?:(?:please|can you|could you)\s+)*(?:where(?:'s| is| are)|find|locate|show(?: me)?|point (?:to|at)|"
+    r"detect|segment|ground|give me|pick up|grab|look at)\s+", re.I)
+
+
+@dataclass
+class GroundedObject:
+    phrase: str
+    box: np.ndarray  # (4,) pixel xyxy in the original image
+    box_normalized: np.ndarray  # (4,) xyxy in the centre-padded square, [0, 1]
+    score: float  # probability the LLM gave its trigger token
+    mask: np.ndarray | None = None  # (H, W) bool
+    mask_score: float = 0.0  # SAM's predicted IoU
+    # The trigger's last-layer hidden state (prompts SAM); not part of the result.
+    hidden: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class Answer:
+    text: str
+    objects: list[GroundedObject]
+    mode: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    # What the LLM saw after the cached prefix, for checks and debugging:
+    # the query + answer token ids and the box every location token carried.
+    token_ids: list[int] = field(default_factory=list)
+    location_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    truncated: bool = False
+
+
+@dataclass
+class _Frame:
+    height: int
+    width: int
+    sam_embedding: torch.Tensor
+    cache: DynamicCache
+    prefix_len: int
+    timings_ms: dict[str, float]
+
+
+class NextChatPredictor:
+    def __init__(self, model: NextChatModel, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.device = torch.device(device) if device is not None else model.device
+        self.model = model.to(self.device, dtype).eval()
+        self.max_image_pixels = max_image_pixels
+        self._frame: _Frame | None = None
+        self._lock = threading.Lock()
+        tok = model.tokenizer
+        vocab = model.config.llm.vocab_size
+        # Tokens the LLM may never sample: image slots, the location token (it is
+        # forced after a trigger), BOS and padding rows of the embedding matrix.
+        banned = torch.zeros(vocab, dtype=torch.bool)
+        banned[tok.vocab_size:] = True
+        for token_id in tok.special_ids - {tok.eos_id, tok.trigger_id}:
+            banned[token_id] = True
+        self._banned = banned.to(self.device)
+
+    # --- frames -----------------------------------------------------------------------
+    @property
+    def is_image_set(self) -> bool:
+        return self._frame is not None
+
+    @torch.inference_mode()
+    def set_image(self, image: np.ndarray) -> dict[str, float]:
+        """Encode an RGB uint8 image (H, W, 3). Returns stage timings in ms."""
+        image = validate_image(image, self.max_image_pixels)
+        model = self.model
+        timings = {}
+        with self._lock:
+            t0 = time.perf_counter()
+            pixels = torch.from_numpy(image)
+            vision_pixels = model.vision_tower.preprocess(pixels)[None].to(self.device, self.model.dtype)
+            image_embeds = model.encode_image(vision_pixels)
+            t1 = time.perf_counter()
+            sam_pixels = model.sam.preprocess(pixels)[None].to(self.device, self.model.dtype)
+            sam_embedding = model.sam.encode_image(sam_pixels)
+            t2 = time.perf_counter()
+            prefix = torch.tensor([model.prompt.prefix()], device=self.device)
+            cache = DynamicCache(config=model.llm.config)
+            model.llm.model(inputs_embeds=model.embed(prefix, image_embeds), past_key_values=cache, use_cache=True)
+            self._sync()
+            t3 = time.perf_counter()
+            timings = {"vision_ms": (t1 - t0) * 1e3, "sam_encoder_ms": (t2 - t1) * 1e3,
+                       "prefix_ms": (t3 - t2) * 1e3, "set_image_ms": (t3 - t0) * 1e3}
+            self._frame = _Frame(image.shape[0], image.shape[1], sam_embedding, cache, prefix.shape[1], timings)
+        return timings
+
+    # --- queries ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def ask(self, query: str, regions=None, mode: str = "generate", max_new_tokens: int = 48,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+            masks: bool = True) -> Answer:
+        """Answer ``query`` about the current image.
+
+        regions: user boxes in pixels (x1, y1, x2, y2), referred to as [0], [1], ...
+        mode: ``generate`` (free generation, greedy unless temperature > 0) or
+        ``ground`` (the fixed answer ``Answer: <trigger>``: one forward, one box).
+        """
+        if mode not in MODES:
+            raise QueryError(f"unknown mode '{mode}'; use one of {MODES}")
+        if not (temperature >= 0 and 0 < top_p <= 1):
+            raise QueryError("temperature must be >= 0 and top_p in (0, 1]")
+        if max_new_tokens < 1:
+            raise QueryError("max_new_tokens must be at least 1")
+        with self._lock:
+            frame = self._frame
+            if frame is None:
+                raise ImageError("no image is set; call set_image() first")
+            region_px = validate_regions(regions, frame.height, frame.width)
+            question = self.model.prompt.question(query, len(region_px))
+            try:
+                t0 = time.perf_counter()
+                if mode == "ground":
+                    answer = self._ground(frame, query, question, region_px)
+                else:
+                    generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+                    answer = self._generate(frame, question, region_px, max_new_tokens, temperature, top_p, generator)
+                self._sync()
+                t1 = time.perf_counter()
+                if masks and answer.objects:
+                    self._add_masks(frame, answer)
+                self._sync()
+                t2 = time.perf_counter()
+            finally:
+                # Drop this query's tokens (transformers 5 crops by a negative count).
+                extra = frame.cache.get_seq_length() - frame.prefix_len
+                if extra > 0:
+                    frame.cache.crop(-extra)
+        answer.timings_ms = {"llm_ms": (t1 - t0) * 1e3, "mask_ms": (t2 - t1) * 1e3, "ask_ms": (t2 - t0) * 1e3}
+        return answer
+
+    def _region_boxes(self, frame: _Frame, region_px: np.ndarray) -> torch.Tensor:
+        normalized = pixels_to_normalized(region_px, frame.height, frame.width)
+        return torch.as_tensor(normalized, dtype=self.model.dtype, device=self.device).view(-1, 4)
+
+    def _forward(self, frame: _Frame, ids: list[int], loc_boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Run token ids (location slots filled from loc_boxes) on the cache; last-layer hidden states."""
+        model = self.model
+        ids_t = torch.tensor([ids], device=self.device)
+        loc_embeds = model.box_encoder(loc_boxes) if loc_boxes is not None and len(loc_boxes) else None
+        emb = model.embed(ids_t, loc_embeds=loc_embeds)
+        return self._forward_embeds(frame, emb)
+
+    def _forward_embeds(self, frame: _Frame, emb: torch.Tensor) -> torch.Tensor:
+        return self.model.llm.model(inputs_embeds=emb, past_key_values=frame.cache, use_cache=True).last_hidden_state
+
+    def _ground(self, frame, query, question, region_px) -> Answer:
+        model, tok = self.model, self.model.tokenizer
+        ids = question.ids + model.prompt.grounding_answer()
+        region_boxes = self._region_boxes(frame, region_px)
+        hidden = self._forward(frame, ids, region_boxes)
+        p_trigger = model.llm.lm_head(hidden[0, -2]).float().softmax(-1)[tok.trigger_id].item()
+        h = hidden[0, -1]
+        box = model.box_decoder.decode(h)
+        obj = self._make_object(frame, _phrase_from_query(query), box, p_trigger)
+        obj.hidden = h
+        return Answer(text=f"{obj.phrase} [0]", objects=[obj], mode="ground", token_ids=ids + [tok.location_id],
+                      location_boxes=torch.cat([region_boxes, box[None]]).float().cpu().numpy())
+
+    def _generate(self, frame, question, region_px, max_new_tokens, temperature, top_p, generator) -> Answer:
+        model, tok = self.model, self.model.tokenizer
+        region_boxes = self._region_boxes(frame, region_px)
+        hidden = self._forward(frame, question.ids, region_boxes)
+        logits = model.llm.lm_head(hidden[0, -1])
+        token_ids = list(question.ids)
+        loc_boxes = [b for b in region_boxes]
+        pieces: list[list[int]] = [[]]
+        objects: list[GroundedObject] = []
+        budget = model.config.llm.max_position_embeddings - frame.prefix_len - len(token_ids)
+        truncated = True
+        for _ in range(min(max_new_tokens, budget - 2)):
+            token = self._pick(logits, temperature, top_p, generator)
+            if token == tok.eos_id:
+                truncated = False
+                break
+            if token == tok.trigger_id:
+                p_trigger = logits.float().softmax(-1)[token].item()
+                h = self._forward(frame, [token])[0, -1]
+                box = model.box_decoder.decode(h)
+                obj = self._make_object(frame, _phrase_from_text(tok.decode(pieces[-1])), box, p_trigger)
+                obj.hidden = h
+                objects.append(obj)
+                # The location token is forced and carries the box back into the LLM.
+                hidden = self._forward_embeds(frame, model.box_encoder(box)[None, None])
+                token_ids += [token, tok.location_id]
+                loc_boxes.append(box)
+                pieces.append([])
+            else:
+                hidden = self._forward(frame, [token])
+                token_ids.append(token)
+                pieces[-1].append(token)
+            logits = model.llm.lm_head(hidden[0, -1])
+        text = tok.decode(pieces[0])
+        for k, piece in enumerate(pieces[1:]):
+            text += f" [{k}]" + tok.decode(piece)
+        boxes = torch.stack(loc_boxes).float().cpu().numpy() if loc_boxes else np.zeros((0, 4))
+        return Answer(text=text.strip(), objects=objects, mode="generate", token_ids=token_ids,
+                      location_boxes=boxes, truncated=truncated)
+
+    def _pick(self, logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+        logits = logits.float().masked_fill(self._banned, float("-inf"))
+        if temperature == 0:
+            return int(logits.argmax())
+        probs = (logits / temperature).softmax(-1)
+        if top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+    def _make_object(self, frame, phrase, box, score) -> GroundedObject:
+        normalized = box.float().cpu().numpy()
+        return GroundedObject(phrase=phrase, box=normalized_to_pixels(normalized, frame.height, frame.width),
+                              box_normalized=normalized, score=float(score))
+
+    def _add_masks(self, frame: _Frame, answer: Answer) -> None:
+        model = self.model
+        hidden = torch.stack([o.hidden for o in answer.objects])
+        boxes = torch.stack([torch.as_tensor(o.box_normalized) for o in answer.objects]).to(self.device, model.dtype)
+        low, iou = model.trigger_hidden_to_masks(hidden, boxes, frame.sam_embedding)
+        logits = model.sam.postprocess_masks(low, frame.height, frame.width)
+        masks = (logits > model.config.sam.mask_threshold).cpu().numpy()
+        for obj, mask, score in zip(answer.objects, masks, iou[:, 0].float().cpu().tolist()):
+            obj.mask = mask
+            obj.mask_score = score
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _phrase_from_text(text: str) -> str:
+    clause = re.split(r"[.,;:!?\n]", text)[-1].strip()
+    previous = None
+    while previous != clause:
+        previous, clause = clause, _PHRASE_LEAD.sub("", clause).strip()
+    return clause
+
+
+def _phrase_from_query(query: str) -> str:
+    phrase = query.strip().rstrip("?.! ")
+    return _QUERY_LEAD.sub("", phrase).strip() or query.strip()
+
+
+__all__ = ["NextChatPredictor", "Answer", "GroundedObject", "MODES"]
