@@ -35,7 +35,8 @@ def validate_image(image, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndar
         raise ImageError(
             f"the image is {w}x{h} = {h * w / 1e6:.1f} MP; the limit is {max_pixels / 1e6:.1f} MP "
             "(max_image_pixels); resize it first")
-    return np.ascontiguousarray(image)
+    # Contiguous and writable (torch refuses to wrap read-only arrays safely).
+    return np.require(image, requirements=["C_CONTIGUOUS", "WRITEABLE"])
 
 
 def validate_regions(regions, height: int, width: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,11 +20,17 @@ import torch
 from transformers import DynamicCache
 
 from .errors import ImageError, QueryError
-from .images import (DEFAULT_MAX_IMAGE_PIXELS, normalized_to_pixels, pixels_to_normalized, validate_image,
-                     validate_regions)
+from .images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    normalized_to_pixels,
+    pixels_to_normalized,
+    validate_image,
+    validate_regions,
+)
 from .model.nextchat import NextChatModel
 
 MODES = ("generate", "ground")
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 # Leading words that are not part of an object's name in a phrase.
 _PHRASE_LEAD = re.compile(r"^(?:answer:|and|or|with|then|also|is|are|it is|there is|there are)\s+", re.I)
 _QUERY_LEAD = re.compile(
@@ -118,12 +125,14 @@ class NextChatPredictor:
     @torch.inference_mode()
     def ask(self, query: str, regions=None, mode: str = "generate", max_new_tokens: int = 48,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-            masks: bool = True) -> Answer:
+            masks: bool = True, logits_processor: LogitsProcessor | None = None) -> Answer:
         """Answer ``query`` about the current image.
 
         regions: user boxes in pixels (x1, y1, x2, y2), referred to as [0], [1], ...
         mode: ``generate`` (free generation, greedy unless temperature > 0) or
         ``ground`` (the fixed answer ``Answer: <trigger>``: one forward, one box).
+        logits_processor: ``f(generated_ids, logits) -> logits`` applied before each
+        pick in ``generate`` mode (constrained decoding, e.g. forcing a grounding).
         """
         if mode not in MODES:
             raise QueryError(f"unknown mode '{mode}'; use one of {MODES}")
@@ -143,7 +152,8 @@ class NextChatPredictor:
                     answer = self._ground(frame, query, question, region_px)
                 else:
                     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-                    answer = self._generate(frame, question, region_px, max_new_tokens, temperature, top_p, generator)
+                    answer = self._generate(frame, question, region_px, max_new_tokens, temperature, top_p, generator,
+                                            logits_processor)
                 self._sync()
                 t1 = time.perf_counter()
                 if masks and answer.objects:
@@ -183,10 +193,11 @@ class NextChatPredictor:
         box = model.box_decoder.decode(h)
         obj = self._make_object(frame, _phrase_from_query(query), box, p_trigger)
         obj.hidden = h
-        return Answer(text=f"{obj.phrase} [0]", objects=[obj], mode="ground", token_ids=ids + [tok.location_id],
+        return Answer(text=f"{obj.phrase} [0]", objects=[obj], mode="ground", token_ids=[*ids, tok.location_id],
                       location_boxes=torch.cat([region_boxes, box[None]]).float().cpu().numpy())
 
-    def _generate(self, frame, question, region_px, max_new_tokens, temperature, top_p, generator) -> Answer:
+    def _generate(self, frame, question, region_px, max_new_tokens, temperature, top_p, generator,
+                  logits_processor) -> Answer:
         model, tok = self.model, self.model.tokenizer
         region_boxes = self._region_boxes(frame, region_px)
         hidden = self._forward(frame, question.ids, region_boxes)
@@ -197,7 +208,10 @@ class NextChatPredictor:
         objects: list[GroundedObject] = []
         budget = model.config.llm.max_position_embeddings - frame.prefix_len - len(token_ids)
         truncated = True
+        generated: list[int] = []
         for _ in range(min(max_new_tokens, budget - 2)):
+            if logits_processor is not None:
+                logits = logits_processor(generated, logits)
             token = self._pick(logits, temperature, top_p, generator)
             if token == tok.eos_id:
                 truncated = False
@@ -212,11 +226,13 @@ class NextChatPredictor:
                 # The location token is forced and carries the box back into the LLM.
                 hidden = self._forward_embeds(frame, model.box_encoder(box)[None, None])
                 token_ids += [token, tok.location_id]
+                generated += [token, tok.location_id]
                 loc_boxes.append(box)
                 pieces.append([])
             else:
                 hidden = self._forward(frame, [token])
                 token_ids.append(token)
+                generated.append(token)
                 pieces[-1].append(token)
             logits = model.llm.lm_head(hidden[0, -1])
         text = tok.decode(pieces[0])
@@ -271,4 +287,4 @@ def _phrase_from_query(query: str) -> str:
     return _QUERY_LEAD.sub("", phrase).strip() or query.strip()
 
 
-__all__ = ["NextChatPredictor", "Answer", "GroundedObject", "MODES"]
+__all__ = ["MODES", "Answer", "GroundedObject", "NextChatPredictor"]

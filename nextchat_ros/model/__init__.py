@@ -6,5 +6,16 @@ from .config import PRESETS, NextChatConfig, get_preset
 from .nextchat import NextChatModel, TrainingBatch
 from .tokenizer import TextTokenizer
 
-__all__ = ["build_model", "load_pretrained", "load_released", "save_pretrained", "save_released_layout",
-           "PRESETS", "NextChatConfig", "get_preset", "NextChatModel", "TrainingBatch", "TextTokenizer"]
+__all__ = [
+           "PRESETS",
+           "NextChatConfig",
+           "NextChatModel",
+           "TextTokenizer",
+           "TrainingBatch",
+           "build_model",
+           "get_preset",
+           "load_pretrained",
+           "load_released",
+           "save_pretrained",
+           "save_released_layout",
+]

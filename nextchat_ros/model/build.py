@@ -10,6 +10,8 @@ from .tokenizer import TextTokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_TOKENIZER_DIR = ASSETS / "tokenizers" / "tiny"
+# The shipped default model (trained by training/, committed in the repository).
+DEFAULT_MODEL_DIR = ASSETS / "models" / "tiny"
 
 
 def build_model(config: NextChatConfig | str = "tiny", tokenizer: TextTokenizer | None = None,

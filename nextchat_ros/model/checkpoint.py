@@ -13,6 +13,7 @@ official code loads it). ``.bin`` shards are read with
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def _load_state(model: NextChatModel, state: dict[str, torch.Tensor], source: Pa
     # Non-persistent buffers (normalisation constants, rotary tables) are rebuilt
     # on the CPU: they are not in any checkpoint.
     _rebuild_buffers(model)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ModelFileError(f"{source}: no values for {still_meta[:5]}")
 
 
 def _rebuild_buffers(model: NextChatModel) -> None:
@@ -124,12 +128,10 @@ def _rebuild_buffers(model: NextChatModel) -> None:
     model.vision_tower.std = torch.tensor(vision.image_std).view(3, 1, 1)
     model.sam.pixel_mean = torch.tensor(sam.pixel_mean).view(3, 1, 1)
     model.sam.pixel_std = torch.tensor(sam.pixel_std).view(3, 1, 1)
+    rotary = model.llm.model.rotary_emb
+    with torch.device("cpu"):
+        model.llm.model.rotary_emb = type(rotary)(config=model.llm.config)
     for module in model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
-            inv_freq, scaling = module.rope_init_fn(module.config, torch.device("cpu"))
-            module.inv_freq = inv_freq
-            module.original_inv_freq = inv_freq
-            module.attention_scaling = scaling
         if type(module).__name__ == "CLIPVisionEmbeddings":
             module.position_ids = torch.arange(module.num_positions).expand((1, -1))
 
@@ -187,7 +189,9 @@ def load_released(checkpoint_dir: str | Path, clip_dir: str | Path, base: NextCh
     from transformers import CLIPVisionModel
 
     checkpoint_dir, clip_dir = Path(checkpoint_dir), Path(clip_dir)
-    config = base if base is not None else full_config()
+    config = copy.deepcopy(base) if base is not None else full_config()
+    if not (clip_dir / CONFIG_FILE).is_file():
+        raise ModelFileError(f"CLIP vision tower not found: {clip_dir / CONFIG_FILE}")
     state = _read_released_state(checkpoint_dir)
     cfg_path = checkpoint_dir / CONFIG_FILE
     try:
@@ -197,8 +201,6 @@ def load_released(checkpoint_dir: str | Path, clip_dir: str | Path, base: NextCh
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{cfg_path} is not valid JSON: {exc}") from None
     config.llm = LLMConfig(**{k: llm_cfg[k] for k in LLMConfig.__dataclass_fields__ if k in llm_cfg})
-    if not (clip_dir / CONFIG_FILE).is_file():
-        raise ModelFileError(f"CLIP vision tower not found: {clip_dir / CONFIG_FILE}")
     try:
         clip = CLIPVisionModel.from_pretrained(str(clip_dir), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/... for bad files
@@ -240,7 +242,8 @@ def _read_released_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     elif (checkpoint_dir / "pytorch_model.bin").is_file():
         files = ["pytorch_model.bin"]
     else:
-        raise ModelFileError(f"no weights in {checkpoint_dir}: expected pytorch_model.bin.index.json or pytorch_model.bin")
+        raise ModelFileError(
+            f"no weights in {checkpoint_dir}: expected pytorch_model.bin.index.json or pytorch_model.bin")
     state: dict[str, torch.Tensor] = {}
     for name in files:
         path = checkpoint_dir / name
@@ -249,7 +252,8 @@ def _read_released_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as exc:  # unpickling errors of every kind: refuse, name the file
-            raise ModelFileError(f"cannot read weight shard {path} (corrupt, truncated or not weights-only): {exc}") from None
+            raise ModelFileError(
+                f"cannot read weight shard {path} (corrupt, truncated or not weights-only): {exc}") from None
     return state
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -144,7 +145,7 @@ class NextChatConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NextChatConfig":
+    def from_dict(cls, data: dict[str, Any]) -> NextChatConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -163,7 +164,7 @@ class NextChatConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "NextChatConfig":
+    def load(cls, path: str | Path) -> NextChatConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())

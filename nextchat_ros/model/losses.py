@@ -88,4 +88,4 @@ def mask_loss(
             + iou_weight * F.mse_loss(iou_pred.float().view(-1), actual_iou))
 
 
-__all__ = ["lm_loss", "box_loss", "cycle_loss", "dice_loss", "focal_loss", "mask_iou", "mask_loss", "box_iou"]
+__all__ = ["box_iou", "box_loss", "cycle_loss", "dice_loss", "focal_loss", "lm_loss", "mask_iou", "mask_loss"]

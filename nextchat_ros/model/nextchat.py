@@ -56,6 +56,23 @@ class TrainingBatch:
     mask_targets: list[torch.Tensor | None] | None = None
 
 
+def collate(examples, pad_id: int, vision_pixels: torch.Tensor, sam_pixels: torch.Tensor | None = None,
+            mask_targets: list[torch.Tensor | None] | None = None) -> TrainingBatch:
+    """Right-pad ``prompt.Example``s into a TrainingBatch."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    boxes = []
+    for i, e in enumerate(examples):
+        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+        attention[i, :len(e.input_ids)] = 1
+        boxes += e.loc_boxes
+    loc_boxes = torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
+    return TrainingBatch(ids, attention, labels, vision_pixels, loc_boxes, sam_pixels, mask_targets)
+
+
 class NextChatModel(nn.Module):
     def __init__(self, config: NextChatConfig, tokenizer: TextTokenizer,
                  llm: LlamaForCausalLM | None = None, clip=None):
@@ -65,7 +82,8 @@ class NextChatModel(nn.Module):
             config.llm.vocab_size = tokenizer.vocab_size
         if config.llm.vocab_size < tokenizer.vocab_size:
             raise ValueError(
-                f"the LLM has {config.llm.vocab_size} token embeddings but the tokenizer has {tokenizer.vocab_size} tokens")
+                f"the LLM has {config.llm.vocab_size} token embeddings "
+                f"but the tokenizer has {tokenizer.vocab_size} tokens")
         self.config = config
         self.tokenizer = tokenizer
         d_model = config.llm.hidden_size
@@ -132,7 +150,8 @@ class NextChatModel(nn.Module):
         loc_boxes = batch.loc_boxes.to(self.device, self.dtype)
         loc_embeds = self.box_encoder(loc_boxes) if loc_boxes.numel() else None
         emb = self.embed(ids, image_embeds, loc_embeds)
-        hidden = self.llm.model(inputs_embeds=emb, attention_mask=batch.attention_mask.to(self.device)).last_hidden_state
+        attention_mask = batch.attention_mask.to(self.device)
+        hidden = self.llm.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
         logits = self.llm.lm_head(hidden)
         losses = {"lm": lm_loss(logits, batch.labels.to(self.device))}
 

@@ -35,10 +35,17 @@ class Segment:
     # index into ids -> index of the box that location token carries
     locations: dict[int, int] = field(default_factory=dict)
 
-    def extend(self, other: "Segment") -> None:
+    def extend(self, other: Segment) -> None:
         offset = len(self.ids)
         self.ids.extend(other.ids)
         self.locations.update({offset + i: b for i, b in other.locations.items()})
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    loc_boxes: list[list[float]]  # one normalised xyxy box per location token, in order
 
 
 class PromptBuilder:
@@ -71,7 +78,24 @@ class PromptBuilder:
 
     def grounding_answer(self) -> list[int]:
         """The fixed answer of the grounding fast path, up to and including the trigger."""
-        return self.tok.encode(f" {GROUNDING_ANSWER}") + [self.tok.trigger_id]
+        return [*self.tok.encode(f" {GROUNDING_ANSWER}"), self.tok.trigger_id]
+
+    def training_example(self, question: str, answer: str, regions, answer_boxes) -> Example:
+        """Token ids, LM labels and location boxes of one supervised turn.
+
+        ``regions`` / ``answer_boxes``: normalised xyxy boxes referred to as [k] in
+        the question / the answer. Only answer tokens are labelled; location tokens
+        never are (they are forced at inference), trigger tokens always are.
+        """
+        prefix = self.prefix()
+        q = self.question(question, len(regions))
+        a = self.answer(answer, len(answer_boxes))
+        context = len(prefix) + len(q.ids)
+        ids = prefix + q.ids + a.ids
+        labels = [-100] * context + [-100 if t == self.tok.location_id else t for t in a.ids]
+        boxes = [list(map(float, regions[i])) for _, i in sorted(q.locations.items())]
+        boxes += [list(map(float, answer_boxes[i])) for _, i in sorted(a.locations.items())]
+        return Example(ids, labels, boxes)
 
     # --- helpers -------------------------------------------------------------------
     def validate_text(self, text: str) -> str:

@@ -63,7 +63,7 @@ class SamMaskHead(nn.Module):
     # --- geometry ------------------------------------------------------------------
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         scale = self.config.image_size / max(height, width)
-        return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+        return max(1, round(height * scale)), max(1, round(width * scale))
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 RGB (H, W, 3) -> (3, S, S) normalised, resized, centre-padded."""

@@ -65,7 +65,7 @@ class TextTokenizer:
         self._tok.save(str(Path(directory) / TOKENIZER_FILE))
 
     @classmethod
-    def load(cls, directory: str | Path, tokens: SpecialTokens) -> "TextTokenizer":
+    def load(cls, directory: str | Path, tokens: SpecialTokens) -> TextTokenizer:
         """Load ``tokenizer.json`` from ``directory`` (or convert a slow tokenizer there)."""
         directory = Path(directory)
         path = directory / TOKENIZER_FILE
@@ -83,6 +83,7 @@ class TextTokenizer:
             try:
                 fast = AutoTokenizer.from_pretrained(str(directory), use_fast=True, local_files_only=True)
             except Exception as exc:
-                raise ModelFileError(f"cannot convert {directory / 'tokenizer.model'} to a fast tokenizer: {exc}") from None
+                raise ModelFileError(
+                    f"cannot convert {directory / 'tokenizer.model'} to a fast tokenizer: {exc}") from None
             return cls(fast.backend_tokenizer, tokens)
         raise ModelFileError(f"no tokenizer in {directory}: expected {path}")

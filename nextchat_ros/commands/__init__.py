@@ -1,0 +1,1 @@
+"""Subcommands of the ``nextchat`` command line (one module each)."""

@@ -1,0 +1,105 @@
+"""``nextchat ground``: answer one query about one image file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import QueryError
+
+HELP = "answer one query about an image: text, boxes and masks"
+DESCRIPTION = """\
+Answer a question or instruction about an image with the NExT-Chat model and
+ground every object the answer mentions as a box and a mask.
+
+examples:
+  nextchat ground --image table.png --query "where is the red cube?" --mode ground
+  nextchat ground --image table.png --query "describe [0]." --region 40,60,120,150 --overlay out.png
+  nextchat ground --image table.png --query "what is on the table?" --json
+"""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory (config.json, model.safetensors, tokenizer.json); "
+                             "default: the shipped tiny model")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--image", type=Path, required=True, help="image file (PNG, JPEG, ...)")
+    parser.add_argument("--query", required=True, help="question or instruction; refer to regions as [0], [1], ...")
+    parser.add_argument("--region", action="append", default=[], metavar="X1,Y1,X2,Y2",
+                        help="a user region in pixels, referred to as [k] in the query (repeatable)")
+    parser.add_argument("--mode", choices=["generate", "ground"], default="generate",
+                        help="generate: free answer (default); ground: one box for the query, one forward")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--overlay", type=Path, default=None, help="write an overlay PNG of boxes and masks here")
+
+
+def parse_region(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise QueryError(f"--region '{text}' is not four numbers x1,y1,x2,y2") from None
+    if len(values) != 4:
+        raise QueryError(f"--region '{text}' must have four numbers x1,y1,x2,y2")
+    return values
+
+
+def load_predictor(model_dir: Path | None, device: str):
+    from ..model.build import DEFAULT_MODEL_DIR
+    from ..model.checkpoint import load_pretrained
+    from ..predictor import NextChatPredictor
+
+    model = load_pretrained(model_dir or DEFAULT_MODEL_DIR, device=device)
+    return NextChatPredictor(model, device=device)
+
+
+def answer_to_dict(answer, image_path=None) -> dict:
+    return {
+        "image": str(image_path) if image_path else None,
+        "answer": answer.text,
+        "mode": answer.mode,
+        "truncated": answer.truncated,
+        "objects": [
+            {"phrase": o.phrase, "box_xyxy": [round(float(v), 2) for v in o.box], "score": round(o.score, 4),
+             "mask_area": int(o.mask.sum()) if o.mask is not None else None, "mask_score": round(o.mask_score, 4)}
+            for o in answer.objects
+        ],
+        "timings_ms": {k: round(v, 2) for k, v in answer.timings_ms.items()},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..overlay import draw_overlay, load_rgb, save_png
+
+    regions = [parse_region(r) for r in args.region]
+    image = load_rgb(args.image)
+    predictor = load_predictor(args.model, args.device)
+    timings = predictor.set_image(image)
+    answer = predictor.ask(args.query, regions=regions or None, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    answer.timings_ms.update(timings)
+    if args.overlay:
+        args.overlay.parent.mkdir(parents=True, exist_ok=True)
+        save_png(draw_overlay(image, answer.objects, regions), args.overlay)
+    if args.json:
+        json.dump(answer_to_dict(answer, args.image), sys.stdout, indent=2)
+        print()
+    else:
+        print(answer.text)
+        for k, o in enumerate(answer.objects):
+            x1, y1, x2, y2 = o.box
+            print(f"  [{k}] {o.phrase!r}: box ({x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}) score {o.score:.2f}"
+                  f" mask {int(o.mask.sum()) if o.mask is not None else 0} px (IoU pred {o.mask_score:.2f})")
+        if args.overlay:
+            print(f"overlay: {args.overlay}")
+    return 0

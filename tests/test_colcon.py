@@ -1,0 +1,108 @@
+"""`colcon build` of a workspace holding this repository gives what `ros2 launch`
+and `ros2 run` look for, and the installed node starts with a parameter file."""
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.colcon, pytest.mark.ros]
+VENV = Path(sys.prefix)
+IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "install", "log", "out", "__pycache__", "*.pyc",
+                                ".pytest_cache", ".ruff_cache", "*.egg-info")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("colcon_ws")
+    shutil.copytree(ROOT, ws / "src" / "nextchat_ros", ignore=IGNORE)
+    env = dict(os.environ, AMENT_PREFIX_PATH=str(VENV), CMAKE_PREFIX_PATH=str(VENV),
+               PATH=f"{VENV / 'bin'}:{os.environ['PATH']}")
+    build = subprocess.run(
+        [str(VENV / "bin" / "colcon"), "build", "--event-handlers", "console_direct-",
+         "--cmake-args", f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF"],
+        cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return ws
+
+
+def test_install_tree_has_what_ros2_launch_and_run_need(workspace):
+    prefix = workspace / "install" / "nextchat_ros"
+    assert (prefix / "share/ament_index/resource_index/packages/nextchat_ros").is_file()
+    assert (prefix / "share/nextchat_ros/package.xml").is_file()
+    assert (prefix / "share/nextchat_ros/launch/grounding.launch.py").is_file()
+    assert (prefix / "share/nextchat_ros/config/grounding.yaml").is_file()
+    for exe in ("nextchat_grounding", "nextchat"):
+        path = prefix / "lib/nextchat_ros" / exe
+        assert path.stat().st_mode & stat.S_IXUSR, exe
+        assert path.read_text().splitlines()[0] == f"#!{sys.executable}"
+    site = prefix / f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages/nextchat_ros"
+    assert (site / "predictor.py").is_file() and (site / "msg" / "__init__.py").is_file()
+    assert (site / "assets/tokenizers/tiny/tokenizer.json").is_file()
+    # our __init__ (which also finds the generated modules) replaced rosidl's empty one
+    assert "extend_path" in (site / "__init__.py").read_text()
+    compile(( prefix / "share/nextchat_ros/launch/grounding.launch.py").read_text(), "launch", "exec")
+
+
+def sourced(workspace, command: str) -> list[str]:
+    return ["bash", "-c", f"source '{workspace}/install/setup.bash' && exec {command}"]
+
+
+def test_installed_node_reads_its_parameter_file(workspace, tmp_path):
+    import rclpy
+    from rcl_interfaces.srv import GetParameters
+
+    params = yaml.safe_load((ROOT / "config/grounding.yaml").read_text())
+    values = params["nextchat_grounding"]["ros__parameters"]
+    values.update(queue_size=3, mode="ground", max_image_age=0.5, publish_masks=False)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    exe = workspace / "install/nextchat_ros/lib/nextchat_ros/nextchat_grounding"
+    node = subprocess.Popen(sourced(workspace, f"'{exe}' --ros-args --params-file '{params_file}'"), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        client_node = rclpy.create_node("nextchat_test_param_client", context=context)
+        client = client_node.create_client(GetParameters, "/nextchat_grounding/get_parameters")
+        assert client.wait_for_service(timeout_sec=60), "the node's parameter service never appeared"
+        names = ["queue_size", "mode", "max_image_age", "publish_masks", "backend", "model_dir"]
+        future = client.call_async(GetParameters.Request(names=names))
+        executor = rclpy.executors.SingleThreadedExecutor(context=context)
+        executor.add_node(client_node)
+        deadline = time.monotonic() + 30
+        while not future.done() and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.2)
+        got = future.result().values
+        assert [got[0].integer_value, got[1].string_value, got[2].double_value, got[3].bool_value,
+                got[4].string_value, got[5].string_value] == [3, "ground", 0.5, False, "torch", ""]
+        client_node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+        node.send_signal(signal.SIGINT)
+        out, _ = node.communicate(timeout=30)
+    assert node.returncode == 0, out
+    assert "queue_size=3" in out
+
+
+@pytest.mark.parametrize("override,message", [
+    ("-p backend:=cuda-magic", "parameter backend='cuda-magic' must be one of"),
+    ("-p model_dir:=/nonexistent/model", "model directory not found: /nonexistent/model"),
+    ("-p queue_size:=0", "queue_size=0 must be >= 1"),
+])
+def test_bad_parameters_stop_the_node_with_a_clear_error(workspace, tmp_path, override, message):
+    exe = workspace / "install/nextchat_ros/lib/nextchat_ros/nextchat_grounding"
+    config = workspace / "install/nextchat_ros/share/nextchat_ros/config/grounding.yaml"
+    run = subprocess.run(sourced(workspace, f"'{exe}' --ros-args --params-file '{config}' {override}"),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert message in run.stdout + run.stderr

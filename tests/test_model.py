@@ -1,0 +1,114 @@
+"""Shapes of both presets, the training forward, and the presets' registry."""
+
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer
+
+from nextchat_ros.model import NextChatModel, get_preset
+from nextchat_ros.model.build import TINY_TOKENIZER_DIR
+from nextchat_ros.model.config import NextChatConfig, full_config
+from nextchat_ros.model.nextchat import collate
+from nextchat_ros.model.tokenizer import TextTokenizer
+
+
+def released_name_tokenizer(config):
+    """The committed tiny tokenizer plus the released token names <at> / <boxes>."""
+    tok = Tokenizer.from_file(str(TINY_TOKENIZER_DIR / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<at>", "<boxes>")])
+    return TextTokenizer(tok, config.tokens)
+
+
+def test_full_preset_has_the_released_shapes_on_the_meta_device():
+    cfg = full_config()
+    with torch.device("meta"):
+        model = NextChatModel(cfg, released_name_tokenizer(cfg))
+    assert model.vision_tower.num_patches == 576
+    assert model.vision_tower.clip.config.hidden_size == 1024
+    assert model.vision_tower.clip.config.num_hidden_layers == 24
+    assert [tuple(model.projector[i].weight.shape) for i in (0, 2)] == [(4096, 1024), (4096, 4096)]
+    assert isinstance(model.projector[1], torch.nn.GELU)
+    assert [tuple(model.box_decoder[i].weight.shape) for i in (0, 2)] == [(2048, 4096), (4, 2048)]
+    assert [tuple(model.box_encoder[i].weight.shape) for i in (0, 2)] == [(2048, 4), (4096, 2048)]
+    assert [tuple(model.seg_prompt_mlp[i].weight.shape) for i in (0, 2)] == [(4096, 4096), (1024, 4096)]
+    assert model.llm.config.hidden_size == 4096 and model.llm.config.num_hidden_layers == 32
+    assert model.llm.config.vocab_size == 32005
+    assert len(model.sam.image_encoder.blocks) == 32
+    assert model.sam.image_encoder.patch_embed.proj.weight.shape[0] == 1280
+    assert model.tokenizer.trigger_id == model.tokenizer._tok.token_to_id("<at>")
+    with torch.device("meta"):
+        image_tokens = model.encode_image(torch.empty(2, 3, 336, 336))
+        hidden = model.llm.model(inputs_embeds=torch.empty(1, 600, 4096)).last_hidden_state
+        sam_embedding = model.sam.encode_image(torch.empty(1, 3, 1024, 1024))
+        low, iou = model.trigger_hidden_to_masks(torch.empty(3, 4096), torch.empty(3, 4), sam_embedding)
+        boxes = model.box_decoder.decode(hidden[0, :5])
+    assert image_tokens.shape == (2, 576, 4096)
+    assert sam_embedding.shape == (1, 256, 64, 64)
+    assert low.shape == (3, 1, 256, 256) and iou.shape == (3, 1)
+    assert boxes.shape == (5, 4)
+
+
+def test_tiny_preset_shapes(tiny_model):
+    cfg = tiny_model.config
+    assert cfg.llm.vocab_size == tiny_model.tokenizer.vocab_size
+    image_tokens = tiny_model.encode_image(torch.zeros(2, 3, cfg.vision.image_size, cfg.vision.image_size))
+    assert image_tokens.shape == (2, cfg.vision.num_patches, cfg.llm.hidden_size)
+    emb = tiny_model.sam.encode_image(torch.zeros(1, 3, cfg.sam.image_size, cfg.sam.image_size))
+    side = cfg.sam.embedding_size
+    assert emb.shape == (1, cfg.sam.prompt_embed_dim, side, side)
+    low, iou = tiny_model.trigger_hidden_to_masks(torch.zeros(2, cfg.llm.hidden_size), torch.rand(2, 4), emb)
+    assert low.shape == (2, 1, 4 * side, 4 * side) and iou.shape == (2, 1)
+
+
+def test_training_forward_computes_every_loss_and_reaches_every_head(tiny_model, scene):
+    model = tiny_model.train()
+    prompt = model.prompt
+    ex1 = prompt.training_example("what is right of [0]?", "the blue ball [0] is right of it.",
+                                  regions=[[0.1, 0.2, 0.3, 0.4]], answer_boxes=[[0.5, 0.5, 0.7, 0.8]])
+    ex2 = prompt.training_example("find the cube and the cup.", "the cube [0] and the cup [1].",
+                                  regions=[], answer_boxes=[[0.1, 0.1, 0.2, 0.2], [0.6, 0.3, 0.9, 0.6]])
+    assert ex1.input_ids.count(model.tokenizer.location_id) == 2 and len(ex1.loc_boxes) == 2
+    assert ex2.input_ids.count(model.tokenizer.trigger_id) == 2
+    s = model.config.vision.image_size
+    ss = model.config.sam.image_size
+    low = 4 * model.config.sam.embedding_size
+    masks = [torch.zeros(1, low, low), torch.ones(2, low, low)]
+    batch = collate([ex1, ex2], pad_id=model.tokenizer.eos_id, vision_pixels=torch.randn(2, 3, s, s),
+                    sam_pixels=torch.randn(2, 3, ss, ss), mask_targets=masks)
+    assert batch.input_ids.shape[0] == 2 and batch.loc_boxes.shape == (4, 4)
+    out = model(batch)
+    for name in ("lm", "box", "cycle", "mask", "loss"):
+        assert torch.isfinite(out[name]) and out[name].item() > 0, name
+    assert out["pred_boxes"].shape == (3, 4)
+    # targets are the answer boxes, in order, never the user region
+    assert torch.allclose(out["target_boxes"], torch.tensor([[0.5, 0.5, 0.7, 0.8], [0.1, 0.1, 0.2, 0.2],
+                                                             [0.6, 0.3, 0.9, 0.6]]))
+    model.zero_grad()
+    out["loss"].backward()
+    for module in (model.projector, model.box_decoder, model.box_encoder, model.seg_prompt_mlp,
+                   model.sam.mask_decoder, model.llm.model.layers[0], model.vision_tower.clip):
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), type(module).__name__
+    model.zero_grad()
+    model.eval()
+
+
+def test_lm_labels_cover_answer_and_triggers_but_not_locations(tiny_model):
+    prompt = tiny_model.prompt
+    tok = tiny_model.tokenizer
+    ex = prompt.training_example("where is [0]?", "it is the cup [0].", regions=[[0, 0, 0.5, 0.5]],
+                                 answer_boxes=[[0.1, 0.1, 0.4, 0.4]])
+    labelled = [t for t in ex.labels if t != -100]
+    assert tok.trigger_id in labelled and tok.location_id not in labelled
+    assert labelled[-1] == tok.eos_id
+    assert tok.decode(labelled).strip() == "it is the cup."
+
+
+def test_config_round_trip_and_registry(tmp_path):
+    cfg = get_preset("tiny")
+    cfg.save(tmp_path / "config.json")
+    assert NextChatConfig.load(tmp_path / "config.json") == cfg
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")
+    (tmp_path / "bad.json").write_text('{"vision": {"image_size": 224, "colour": 1}}')
+    with pytest.raises(ValueError, match="colour"):
+        NextChatConfig.load(tmp_path / "bad.json")

@@ -1,0 +1,138 @@
+"""The predictor: cached queries equal an uncached forward, special tokens stay text."""
+
+import numpy as np
+import pytest
+import torch
+
+from nextchat_ros.images import pixels_to_normalized
+from nextchat_ros.predictor import NextChatPredictor
+
+SPECIAL_STRINGS = "<trigger> <loc> <at> <boxes> <im_patch> <im_start> <im_end> <s> </s> <pad> <unk>"
+
+
+def uncached_hidden(model, image, token_ids, location_boxes):
+    """One forward over prefix + token_ids, no cache: last-layer hidden states."""
+    with torch.inference_mode():
+        pixels = model.vision_tower.preprocess(torch.from_numpy(image.copy()))[None]
+        ids = torch.tensor([model.prompt.prefix() + list(token_ids)])
+        loc = model.box_encoder(torch.as_tensor(location_boxes, dtype=torch.float32)) if len(location_boxes) else None
+        emb = model.embed(ids, model.encode_image(pixels), loc)
+        return model.llm.model(inputs_embeds=emb).last_hidden_state[0], len(model.prompt.prefix())
+
+
+def force_triggers_at(steps):
+    def processor(generated, logits):
+        if len(generated) in steps:
+            logits = torch.full_like(logits, -1e9)
+            logits[TRIGGER[0]] = 0.0
+        return logits
+    return processor
+
+
+TRIGGER = [None]
+
+
+def test_ground_mode_matches_uncached_forward(predictor, scene):
+    model = predictor.model
+    answer = predictor.ask("where is the red cube?", mode="ground")
+    assert len(answer.objects) == 1 and answer.text.endswith("[0]")
+    hidden, offset = uncached_hidden(model, scene.image, answer.token_ids, answer.location_boxes)
+    trigger_pos = offset + len(answer.token_ids) - 2
+    assert answer.token_ids[-2] == model.tokenizer.trigger_id
+    torch.testing.assert_close(answer.objects[0].hidden, hidden[trigger_pos], atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        ref_box = model.box_decoder.decode(hidden[trigger_pos]).numpy()
+    np.testing.assert_allclose(answer.objects[0].box_normalized, ref_box, atol=1e-5)
+
+
+def test_generate_with_triggers_and_regions_matches_uncached_forward(predictor, scene):
+    model = predictor.model
+    TRIGGER[0] = model.tokenizer.trigger_id
+    region = [10.0, 20.0, 60.0, 70.0]
+    answer = predictor.ask("what is left of [0]?", regions=[region], max_new_tokens=10,
+                           logits_processor=force_triggers_at({2, 5}))
+    assert len(answer.objects) == 2
+    assert answer.text.count("[0]") == 1 and answer.text.count("[1]") == 1
+    # location boxes: the user region first, then each decoded box
+    np.testing.assert_allclose(answer.location_boxes[0], pixels_to_normalized(np.array(region), *scene.image.shape[:2]),
+                               atol=1e-6)
+    hidden, offset = uncached_hidden(model, scene.image, answer.token_ids, answer.location_boxes)
+    triggers = [i for i, t in enumerate(answer.token_ids) if t == model.tokenizer.trigger_id]
+    assert len(triggers) == 2
+    for obj, pos in zip(answer.objects, triggers):
+        assert answer.token_ids[pos + 1] == model.tokenizer.location_id
+        torch.testing.assert_close(obj.hidden, hidden[offset + pos], atol=1e-5, rtol=0)
+        with torch.inference_mode():
+            ref_box = model.box_decoder.decode(hidden[offset + pos]).numpy()
+        np.testing.assert_allclose(obj.box_normalized, ref_box, atol=1e-5)
+
+
+def test_queries_on_one_frame_do_not_see_each_other(predictor):
+    first = predictor.ask("describe the table.", max_new_tokens=8)
+    predictor.ask("where is the cup?", mode="ground")
+    predictor.ask("is there a ball?", max_new_tokens=5)
+    again = predictor.ask("describe the table.", max_new_tokens=8)
+    assert again.text == first.text and again.token_ids == first.token_ids
+
+
+def test_masks_are_image_sized_and_scored(predictor, scene):
+    answer = predictor.ask("where is the cube?", mode="ground")
+    obj = answer.objects[0]
+    assert obj.mask.shape == scene.image.shape[:2] and obj.mask.dtype == bool
+    assert isinstance(obj.mask_score, float)
+    no_masks = predictor.ask("where is the cube?", mode="ground", masks=False)
+    assert no_masks.objects[0].mask is None
+    h, w = scene.image.shape[:2]
+    x1, y1, x2, y2 = obj.box
+    assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h
+
+
+def test_typed_special_token_strings_are_plain_text(predictor):
+    tok = predictor.model.tokenizer
+    ids = tok.encode(SPECIAL_STRINGS)
+    assert not set(ids) & tok.special_ids
+    assert tok.decode(ids) == SPECIAL_STRINGS
+    question = predictor.model.prompt.question(SPECIAL_STRINGS, 0)
+    assert question.locations == {} and not set(question.ids) & tok.special_ids
+    answer = predictor.ask(SPECIAL_STRINGS, max_new_tokens=12)
+    # every object comes from a trigger the model generated, none from the text
+    n_q = len(question.ids)
+    assert answer.token_ids[:n_q] == question.ids
+    assert answer.token_ids[n_q:].count(tok.trigger_id) == len(answer.objects)
+    grounded = predictor.ask(SPECIAL_STRINGS, mode="ground")
+    assert len(grounded.objects) == 1
+
+
+def test_released_token_names_typed_by_a_user_are_plain_text():
+    from nextchat_ros.model.config import full_config
+    from tests.test_model import released_name_tokenizer
+
+    tok = released_name_tokenizer(full_config())
+    ids = tok.encode("where is <at> <boxes> the mug?")
+    assert tok.trigger_id not in ids and tok.location_id not in ids
+    assert not set(ids) & tok.special_ids
+
+
+def test_sampling_is_reproducible_with_a_seed(predictor):
+    a = predictor.ask("what do you see?", temperature=1.0, top_p=0.9, seed=3, max_new_tokens=10)
+    b = predictor.ask("what do you see?", temperature=1.0, top_p=0.9, seed=3, max_new_tokens=10)
+    assert a.token_ids == b.token_ids
+
+
+def test_new_frame_replaces_the_cached_one(tiny_model, scene):
+    p = NextChatPredictor(tiny_model)
+    p.set_image(scene.image)
+    a = p.ask("where is the cube?", mode="ground")
+    p.set_image(np.ascontiguousarray(scene.image[::-1]))
+    b = p.ask("where is the cube?", mode="ground")
+    assert not torch.allclose(a.objects[0].hidden, b.objects[0].hidden)
+    p.set_image(scene.image)
+    c = p.ask("where is the cube?", mode="ground")
+    torch.testing.assert_close(a.objects[0].hidden, c.objects[0].hidden, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("query,phrase", [("where is the red mug?", "the red mug"),
+                                          ("Please find the blue ball.", "the blue ball"),
+                                          ("the green cup", "the green cup")])
+def test_ground_mode_phrase_comes_from_the_query(predictor, query, phrase):
+    assert predictor.ask(query, mode="ground").objects[0].phrase == phrase
