@@ -30,7 +30,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 # 2. Pinned packages.
-req_hash=$(hash_of requirements.txt)
+req_hash=$(hash_of requirements.txt requirements-runtime.txt)
 if ! stamp_ok requirements "$req_hash"; then
   say "installing pinned packages from requirements.txt (first time: ~2 min, torch is 5 GB)"
   quiet_pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt"
