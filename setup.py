@@ -14,7 +14,9 @@ setup(
     description="NExT-Chat (pixel2emb) grounding for ROS 2: answers, boxes and masks",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["nextchat_ros", "nextchat_ros.*"]),
+    packages=find_packages(include=["nextchat_ros", "nextchat_ros.*"])
+    + find_packages("training", include=["nextchat_training", "nextchat_training.*"]),
+    package_dir={"nextchat_training": "training/nextchat_training"},
     package_data={"nextchat_ros": ["assets/**/*"]},
     entry_points={
         "console_scripts": [

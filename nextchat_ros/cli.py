@@ -14,6 +14,9 @@ from .errors import NextChatError
 COMMANDS = {
     "ground": "ground",
     "demo": "demo",
+    "train": "train",
+    "evaluate": "evaluate",
+    "convert-released": "convert",
 }
 
 DESCRIPTION = """\
@@ -23,6 +26,9 @@ answer with every mentioned object grounded as a box and a segmentation mask.
 commands:
   ground    answer one query about an image file (text, boxes, masks, overlay)
   demo      the quick-start demo: generated tabletop scenes, scripted questions, overlays
+  train     train a model stage by stage from a YAML config (training/configs/)
+  evaluate  held-out metrics of a model (REC Acc@0.5, mask mIoU, POPE, captions, ...)
+  convert-released  a released nextchat-7b-336 checkpoint -> a model directory
 
 Run `nextchat <command> --help` for a command's options.
 """

@@ -32,6 +32,7 @@ class SceneObject:
     mask: np.ndarray  # (H, W) bool, visible part
     visible_fraction: float
     depth_m: float  # distance from the camera along the optical axis, metres
+    full_mask: np.ndarray | None = None  # (H, W) bool, the whole (amodal) shape
 
     @property
     def name(self) -> str:
@@ -54,6 +55,7 @@ class Scene:
     depth: np.ndarray  # (H, W) float32 metres
     background: str
     camera: dict = field(default_factory=dict)  # fx, fy, cx, cy of a pinhole camera
+    hidden: int = 0  # objects painted but too occluded to list (they still occlude)
 
 
 @lru_cache(maxsize=8)
@@ -171,7 +173,7 @@ def render_scene(seed: int, height: int = 240, width: int = 320, num_objects: tu
         if (kind, color) in used and rng.random() < 0.7:
             continue  # prefer distinct objects, allow some duplicates (counting, "all the ...")
         size = str(rng.choice(list(SIZES)))
-        r = min(height, width) * 0.085 * SIZES[size] * distance
+        r = min(height, width) * 0.12 * SIZES[size] * distance
         cx = rng.uniform(r * 1.3, width - r * 1.3)
         cy = rng.uniform(height * 0.3 + r, height - r * 1.3)
         used.add((kind, color))
@@ -192,18 +194,20 @@ def render_scene(seed: int, height: int = 240, width: int = 320, num_objects: tu
     image = image.clip(0, 255).astype(np.uint8)
 
     objects = []
+    hidden = 0
     nearer = np.zeros((height, width), bool)
     for (kind, color, size, _cx, cy, r), full in reversed(list(zip(specs, full_masks))):
         visible = full & ~nearer
         nearer |= full
         frac = visible.sum() / max(1, full.sum())
         if frac < min_visible or visible.sum() < 12:
+            hidden += 1
             continue
         ys, xs = np.nonzero(visible)
         box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
         obj_depth = float(table_depth[int(min(cy + r, height - 1))] * 3.0 - 0.02)
         depth[visible] = obj_depth
-        objects.append(SceneObject(kind, color, size, box, visible, float(frac), obj_depth))
+        objects.append(SceneObject(kind, color, size, box, visible, float(frac), obj_depth, full))
     objects.reverse()  # far to near, as painted
     return Scene(seed=seed, image=image, objects=objects, depth=depth.astype(np.float32),
-                 background=background, camera=camera)
+                 background=background, camera=camera, hidden=hidden)

@@ -84,6 +84,10 @@ if ! stamp_ok package "$pkg_hash"; then
   stamp_set package "$pkg_hash"
 fi
 
-"$VENV/bin/python" -c "import nextchat_ros.msg, nextchat_ros.srv" \
+# training/ holds the nextchat_training package (see setup.py); make it importable.
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "$ROOT/training" > "$site/nextchat_ros_training.pth"
+
+"$VENV/bin/python" -c "import nextchat_ros.msg, nextchat_ros.srv, nextchat_training" \
   || { say "ERROR: nextchat_ros messages do not import from $VENV"; exit 1; }
 say "environment ready: $VENV"

@@ -57,13 +57,13 @@ def sourced(workspace, command: str) -> list[str]:
     return ["bash", "-c", f"source '{workspace}/install/setup.bash' && exec {command}"]
 
 
-def test_installed_node_reads_its_parameter_file(workspace, tmp_path):
+def test_installed_node_reads_its_parameter_file(workspace, tmp_path, saved_tiny):
     import rclpy
     from rcl_interfaces.srv import GetParameters
 
     params = yaml.safe_load((ROOT / "config/grounding.yaml").read_text())
     values = params["nextchat_grounding"]["ros__parameters"]
-    values.update(queue_size=3, mode="ground", max_image_age=0.5, publish_masks=False)
+    values.update(queue_size=3, mode="ground", max_image_age=0.5, publish_masks=False, model_dir=str(saved_tiny))
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     exe = workspace / "install/nextchat_ros/lib/nextchat_ros/nextchat_grounding"
@@ -84,7 +84,7 @@ def test_installed_node_reads_its_parameter_file(workspace, tmp_path):
             executor.spin_once(timeout_sec=0.2)
         got = future.result().values
         assert [got[0].integer_value, got[1].string_value, got[2].double_value, got[3].bool_value,
-                got[4].string_value, got[5].string_value] == [3, "ground", 0.5, False, "torch", ""]
+                got[4].string_value, got[5].string_value] == [3, "ground", 0.5, False, "torch", str(saved_tiny)]
         client_node.destroy_node()
     finally:
         rclpy.shutdown(context=context)
@@ -98,6 +98,7 @@ def test_installed_node_reads_its_parameter_file(workspace, tmp_path):
     ("-p backend:=cuda-magic", "parameter backend='cuda-magic' must be one of"),
     ("-p model_dir:=/nonexistent/model", "model directory not found: /nonexistent/model"),
     ("-p queue_size:=0", "queue_size=0 must be >= 1"),
+    ("-p backend:=onnxruntime", "only 'torch' is available"),
 ])
 def test_bad_parameters_stop_the_node_with_a_clear_error(workspace, tmp_path, override, message):
     exe = workspace / "install/nextchat_ros/lib/nextchat_ros/nextchat_grounding"

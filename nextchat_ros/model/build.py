@@ -25,4 +25,6 @@ def build_model(config: NextChatConfig | str = "tiny", tokenizer: TextTokenizer 
         tokenizer = TextTokenizer.load(TINY_TOKENIZER_DIR, config.tokens)
     if seed is not None:
         torch.manual_seed(seed)
-    return NextChatModel(config, tokenizer)
+    model = NextChatModel(config, tokenizer)
+    model.vision_tower.init_2d_position_embedding()
+    return model

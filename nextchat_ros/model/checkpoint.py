@@ -123,11 +123,6 @@ def _load_state(model: NextChatModel, state: dict[str, torch.Tensor], source: Pa
 
 
 def _rebuild_buffers(model: NextChatModel) -> None:
-    vision, sam = model.config.vision, model.config.sam
-    model.vision_tower.mean = torch.tensor(vision.image_mean).view(3, 1, 1)
-    model.vision_tower.std = torch.tensor(vision.image_std).view(3, 1, 1)
-    model.sam.pixel_mean = torch.tensor(sam.pixel_mean).view(3, 1, 1)
-    model.sam.pixel_std = torch.tensor(sam.pixel_std).view(3, 1, 1)
     rotary = model.llm.model.rotary_emb
     with torch.device("cpu"):
         model.llm.model.rotary_emb = type(rotary)(config=model.llm.config)

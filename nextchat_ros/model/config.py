@@ -115,6 +115,9 @@ class LossConfig:
     mask_focal: float = 20.0
     mask_dice: float = 1.0
     mask_iou: float = 1.0
+    # Training only: SAM is prompted with ground-truth boxes jittered by this
+    # fraction of their size, since at inference the box comes from the decoder.
+    mask_box_jitter: float = 0.0
 
 
 @dataclass
@@ -200,7 +203,7 @@ def tiny_config() -> NextChatConfig:
     return NextChatConfig(
         preset="tiny",
         vision=VisionConfig(
-            image_size=112, patch_size=14, hidden_size=128, intermediate_size=512,
+            image_size=160, patch_size=16, hidden_size=128, intermediate_size=512,
             num_hidden_layers=4, num_attention_heads=4, hidden_act="quick_gelu",
             select_layer=-2, pad_fill=(255, 255, 255),
         ),
@@ -211,9 +214,9 @@ def tiny_config() -> NextChatConfig:
             rope_theta=10000.0, tie_word_embeddings=False,
         ),
         sam=SamConfig(
-            image_size=256, patch_size=8, encoder_embed_dim=96, encoder_depth=2,
+            image_size=192, patch_size=8, encoder_embed_dim=64, encoder_depth=2,
             encoder_num_heads=4, encoder_global_attn_indexes=(1,), window_size=8,
-            prompt_embed_dim=256, decoder_depth=2, decoder_mlp_dim=512, decoder_num_heads=8,
+            prompt_embed_dim=128, decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=4,
         ),
         box_head_hidden=256,
         system_prompt="A robot asks about its camera image.",

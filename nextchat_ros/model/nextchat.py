@@ -73,6 +73,15 @@ def collate(examples, pad_id: int, vision_pixels: torch.Tensor, sam_pixels: torc
     return TrainingBatch(ids, attention, labels, vision_pixels, loc_boxes, sam_pixels, mask_targets)
 
 
+def jitter_boxes(boxes: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Move each corner of normalised xyxy boxes by N(0, amount * box size); keep them valid."""
+    if amount <= 0 or boxes.numel() == 0:
+        return boxes
+    size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+    noise = torch.randn(boxes.shape, generator=generator).to(boxes.device, boxes.dtype)
+    return BoxDecoder.to_valid_box(boxes + noise * amount * size)
+
+
 class NextChatModel(nn.Module):
     def __init__(self, config: NextChatConfig, tokenizer: TextTokenizer,
                  llm: LlamaForCausalLM | None = None, clip=None):
@@ -192,7 +201,10 @@ class NextChatModel(nn.Module):
             if target.shape[0] != len(sel):
                 raise ValueError(f"sample {b} has {len(sel)} triggers but {target.shape[0]} target masks")
             # SAM is prompted with the ground-truth box (teacher forcing), as in stage 3.
-            low, iou = self.trigger_hidden_to_masks(trig_hidden[sel], targets[sel], embeddings[b:b + 1])
+            boxes = targets[sel]
+            if self.training:
+                boxes = jitter_boxes(boxes, weights.mask_box_jitter)
+            low, iou = self.trigger_hidden_to_masks(trig_hidden[sel], boxes, embeddings[b:b + 1])
             logits.append(low)
             ious.append(iou)
             gts.append(target.to(low.device, low.dtype).view_as(low))

@@ -15,6 +15,40 @@ from torch import nn
 from .config import SamConfig
 
 
+def resized_shape(height: int, width: int, config: SamConfig) -> tuple[int, int]:
+    """Size of an image once its longest side is ``config.image_size``."""
+    scale = config.image_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def preprocess_image(image: torch.Tensor, config: SamConfig) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) -> (3, S, S): resized, normalised, centre-padded with zeros."""
+    h, w = image.shape[:2]
+    rh, rw = resized_shape(h, w, config)
+    x = image.permute(2, 0, 1).float()[None]
+    x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = (x - torch.tensor(config.pixel_mean).view(3, 1, 1)) / torch.tensor(config.pixel_std).view(3, 1, 1)
+    size = config.image_size
+    canvas = torch.zeros(3, size, size)
+    top, left = (size - rh) // 2, (size - rw) // 2
+    canvas[:, top:top + rh, left:left + rw] = x
+    return canvas
+
+
+def target_masks(masks: torch.Tensor, config: SamConfig) -> torch.Tensor:
+    """Ground-truth masks (N, H, W) in original pixels -> (N, 1, 4h, 4w) {0, 1} targets
+    in the frame of the mask decoder's low-resolution output (training)."""
+    n, h, w = masks.shape
+    size = config.image_size
+    rh, rw = resized_shape(h, w, config)
+    x = F.interpolate(masks[:, None].float(), size=(rh, rw), mode="bilinear", align_corners=False)
+    canvas = torch.zeros(n, 1, size, size, dtype=x.dtype, device=x.device)
+    top, left = (size - rh) // 2, (size - rw) // 2
+    canvas[..., top:top + rh, left:left + rw] = x
+    low = config.embedding_size * 4
+    return (F.interpolate(canvas, size=(low, low), mode="bilinear", align_corners=False) > 0.5).float()
+
+
 class SamMaskHead(nn.Module):
     """Image encoder + prompt encoder + mask decoder.
 
@@ -57,26 +91,14 @@ class SamMaskHead(nn.Module):
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         )
-        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(3, 1, 1), persistent=False)
 
     # --- geometry ------------------------------------------------------------------
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
-        scale = self.config.image_size / max(height, width)
-        return max(1, round(height * scale)), max(1, round(width * scale))
+        return resized_shape(height, width, self.config)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 RGB (H, W, 3) -> (3, S, S) normalised, resized, centre-padded."""
-        h, w = image.shape[:2]
-        rh, rw = self.resized_shape(h, w)
-        x = image.permute(2, 0, 1).float()[None]
-        x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
-        x = (x - self.pixel_mean.cpu()) / self.pixel_std.cpu()
-        size = self.config.image_size
-        canvas = torch.zeros(3, size, size)
-        top, left = (size - rh) // 2, (size - rw) // 2
-        canvas[:, top:top + rh, left:left + rw] = x
-        return canvas
+        return preprocess_image(image, self.config)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, prompt_dim, S/patch, S/patch)."""
@@ -119,14 +141,4 @@ class SamMaskHead(nn.Module):
         return masks[:, 0]
 
     def target_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        """Ground-truth masks (N, H, W) in original pixels -> (N, 1, 4h, 4w) targets
-        in the low-res frame of the decoder's output (training)."""
-        n, h, w = masks.shape
-        size = self.config.image_size
-        rh, rw = self.resized_shape(h, w)
-        x = F.interpolate(masks[:, None].float(), size=(rh, rw), mode="bilinear", align_corners=False)
-        canvas = torch.zeros(n, 1, size, size, dtype=x.dtype, device=x.device)
-        top, left = (size - rh) // 2, (size - rw) // 2
-        canvas[..., top:top + rh, left:left + rw] = x
-        low = self.config.embedding_size * 4
-        return (F.interpolate(canvas, size=(low, low), mode="bilinear", align_corners=False) > 0.5).float()
+        return target_masks(masks, self.config)

@@ -1,0 +1,122 @@
+"""A ROS client of the grounding node: publishes camera frames and queries,
+collects results, calls the service. Spins in a background thread. Used by
+`nextchat demo`, the rosbag tools and the tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
+from std_msgs.msg import String
+
+from .msg import GroundingResult, Query
+from .ros_images import fill_image_msg
+from .srv import Ground
+
+
+def image_msg(array: np.ndarray, stamp_ns: int, encoding: str = "rgb8", frame_id: str = "camera") -> Image:
+    msg = fill_image_msg(Image(), array, encoding)
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+    msg.header.frame_id = frame_id
+    return msg
+
+
+class GroundingClient:
+    def __init__(self, namespace: str):
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("nextchat_test_client", namespace=namespace, context=self.context)
+        ns = namespace
+        self.image_pub = self.node.create_publisher(Image, f"{ns}/image", 10)
+        self.depth_pub = self.node.create_publisher(Image, f"{ns}/depth", 10)
+        self.info_pub = self.node.create_publisher(CameraInfo, f"{ns}/camera_info", 10)
+        self.text_pub = self.node.create_publisher(String, f"{ns}/query", 10)
+        self.query_pub = self.node.create_publisher(Query, f"{ns}/structured_query", 10)
+        self.results: list[GroundingResult] = []
+        self.answers: list[str] = []
+        self._cond = threading.Condition()
+        self.node.create_subscription(GroundingResult, f"{ns}/result", self._on_result, 50)
+        self.node.create_subscription(String, f"{ns}/answer", lambda m: self.answers.append(m.data), 50)
+        self.client = self.node.create_client(Ground, f"{ns}/ground")
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+
+    def _on_result(self, msg) -> None:
+        with self._cond:
+            self.results.append(msg)
+            self._cond.notify_all()
+
+    def wait_for_node(self, timeout: float = 90.0) -> None:
+        assert self.client.wait_for_service(timeout_sec=timeout), "the node's ground service never appeared"
+        deadline = time.monotonic() + timeout
+        while self.image_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert self.image_pub.get_subscription_count() > 0
+        time.sleep(1.0)  # matched both ways before the first (large) frame goes out
+
+    def publish_frame(self, msg: Image, settle: float = 0.3) -> None:
+        self.image_pub.publish(msg)
+        time.sleep(settle)  # let the frame land before a query that should pair with it
+
+    def wait_result(self, predicate, timeout: float = 60.0) -> GroundingResult:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for r in self.results:
+                    if predicate(r):
+                        self.results.remove(r)
+                        return r
+                left = deadline - time.monotonic()
+                assert left > 0, f"no matching result within {timeout} s; have {[r.query for r in self.results]}"
+                self._cond.wait(left)
+
+    def ask_text(self, text: str, timeout: float = 60.0) -> GroundingResult:
+        self.text_pub.publish(String(data=text))
+        return self.wait_result(lambda r: r.query == text, timeout)
+
+    def ask(self, query_id: str, text: str, regions=(), stamp_ns: int = 0, timeout: float = 60.0) -> GroundingResult:
+        q = Query(id=query_id, text=text)
+        for x1, y1, x2, y2 in regions:
+            q.regions.append(RegionOfInterest(x_offset=x1, y_offset=y1, width=x2 - x1, height=y2 - y1))
+        q.image_stamp.sec, q.image_stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+        self.query_pub.publish(q)
+        return self.wait_result(lambda r: r.query_id == query_id, timeout)
+
+    def call(self, query_id: str, text: str, image: Image | None = None, timeout: float = 60.0) -> GroundingResult:
+        request = Ground.Request(query=Query(id=query_id, text=text))
+        if image is not None:
+            request.image = image
+        future = self.client.call_async(request)
+        deadline = time.monotonic() + timeout
+        while not future.done():
+            assert time.monotonic() < deadline, "the ground service did not answer"
+            time.sleep(0.05)
+        return future.result().result
+
+    def close(self) -> None:
+        if not self.context.ok():
+            return
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+def result_objects(result: GroundingResult) -> list:
+    """The result's objects as (phrase, box xyxy, score, mask) records for overlays."""
+    from types import SimpleNamespace
+
+    objects = []
+    for o in result.objects:
+        mask = None
+        if o.mask.width and o.mask.height:
+            mask = np.frombuffer(bytes(o.mask.data), np.uint8).reshape(o.mask.height, o.mask.step)[:, :o.mask.width] > 0
+        box = (o.center_x - o.size_x / 2, o.center_y - o.size_y / 2, o.center_x + o.size_x / 2,
+               o.center_y + o.size_y / 2)
+        objects.append(SimpleNamespace(phrase=o.phrase, box=box, score=o.score, mask=mask))
+    return objects

@@ -1,0 +1,260 @@
+"""The grounding service: frames and queries in, one outcome per query out.
+
+ROS-agnostic (the node translates messages to and from it), so everything worth
+testing here is tested without ROS. Callers never block: ``add_frame`` appends
+to a bounded frame buffer, ``submit`` enqueues a request or refuses it at once
+(OVERLOADED). One worker thread pairs each request with a frame, encodes a frame
+only when it is not the one already encoded, asks the predictor, and hands the
+outcome to the request's ``done`` callback. Every request gets exactly one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+from .errors import ImageError, QueryError
+from .predictor import GroundedObject, NextChatPredictor
+
+log = logging.getLogger(__name__)
+
+
+class Status(IntEnum):
+    """Mirrors the STATUS_* constants of nextchat_ros/msg/GroundingResult."""
+
+    OK = 0
+    BAD_IMAGE = 1
+    BAD_QUERY = 2
+    NO_IMAGE = 3
+    STALE_IMAGE = 4
+    OVERLOADED = 5
+    INTERNAL_ERROR = 6
+
+
+_frame_keys = itertools.count(1)
+
+
+@dataclass
+class Frame:
+    """A camera frame. ``image`` is RGB uint8, or None with ``error`` saying why the
+    message could not be used (a query paired with it gets BAD_IMAGE)."""
+
+    image: np.ndarray | None
+    stamp_ns: int = 0
+    frame_id: str = ""
+    received: float | None = None  # the service's clock; set by add_frame when None
+    error: str = ""
+    depth: np.ndarray | None = None  # float32 metres, image-sized; NaN or 0 = no reading
+    intrinsics: tuple[float, float, float, float] | None = None  # fx, fy, cx, cy
+    key: int = field(default_factory=lambda: next(_frame_keys))
+
+
+@dataclass
+class Request:
+    query_id: str
+    text: str
+    regions: list = field(default_factory=list)  # pixel xyxy boxes, [k] in the text
+    stamp_ns: int = 0  # 0 = the newest frame
+    mode: str = "auto"  # auto | generate | ground
+    frame: Frame | None = None  # an explicit image (the service call), else the camera's
+    received: float | None = None  # the service's clock; set by submit when None
+    done: Callable[[Outcome], None] | None = None
+
+
+@dataclass
+class ObjectResult:
+    phrase: str
+    score: float
+    box: np.ndarray  # pixel xyxy
+    mask: np.ndarray | None
+    mask_score: float
+    position: tuple[float, float, float] | None = None  # camera frame, metres
+
+
+@dataclass
+class Outcome:
+    request: Request
+    status: Status
+    error: str = ""
+    text: str = ""
+    objects: list[ObjectResult] = field(default_factory=list)
+    frame: Frame | None = None
+    mode: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+_GROUND_QUERY = re.compile(r"^\s*(?:please\s+)?(?:where(?:'s| is| are)|find|locate|point (?:to|at)|show me|"
+                           r"detect|segment)\b", re.I)
+
+
+def choose_mode(text: str) -> str:
+    """``ground`` for questions that ask where one thing is, ``generate`` otherwise."""
+    return "ground" if _GROUND_QUERY.match(text or "") else "generate"
+
+
+def object_position(mask: np.ndarray, depth: np.ndarray, intrinsics) -> tuple[float, float, float] | None:
+    """Median depth over the mask, back-projected at the mask's centroid (pinhole)."""
+    if mask is None or depth is None or intrinsics is None or depth.shape != mask.shape:
+        return None
+    values = depth[mask]
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size == 0:
+        return None
+    z = float(np.median(values))
+    ys, xs = np.nonzero(mask)
+    u, v = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
+    fx, fy, cx, cy = intrinsics
+    return ((u - cx) * z / fx, (v - cy) * z / fy, z)
+
+
+class GroundingService:
+    def __init__(self, predictor: NextChatPredictor, *, max_image_age: float = 2.0, frame_buffer: int = 8,
+                 queue_size: int = 8, default_mode: str = "auto", max_new_tokens: int = 48, masks: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
+        self.predictor = predictor
+        self.max_image_age = max_image_age
+        self.default_mode = default_mode
+        self.max_new_tokens = max_new_tokens
+        self.masks = masks
+        self.clock = clock
+        self._frames: deque[Frame] = deque(maxlen=frame_buffer)
+        self._frames_lock = threading.Lock()
+        self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=queue_size)
+        self._encoded_key: int | None = None
+        self.counts = {"frames": 0, "queries": 0, "ok": 0, "refused": 0, "errors": 0}
+        self.last_timings: dict[str, float] = {}
+        self._worker = threading.Thread(target=self._run, name="nextchat-grounding", daemon=True)
+        self._worker.start()
+
+    # --- inputs (never block) ---------------------------------------------------------
+    def add_frame(self, frame: Frame) -> None:
+        if frame.received is None:
+            frame.received = self.clock()
+        with self._frames_lock:
+            self._frames.append(frame)
+        self.counts["frames"] += 1
+
+    def submit(self, request: Request) -> bool:
+        """Queue a request. When the queue is full the request is answered at once
+        with OVERLOADED (and False is returned)."""
+        self.counts["queries"] += 1
+        if request.received is None:
+            request.received = self.clock()
+        try:
+            self._queue.put_nowait(request)
+            return True
+        except queue.Full:
+            self._finish(Outcome(request, Status.OVERLOADED,
+                                 f"the node is busy: {self._queue.maxsize} queries are waiting; ask again later"))
+            return False
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still queued get INTERNAL_ERROR (never silence)."""
+        while True:
+            try:
+                pending = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if pending is not None:
+                self._finish(Outcome(pending, Status.INTERNAL_ERROR, "the node is shutting down"))
+        self._queue.put(None)
+        self._worker.join(timeout)
+
+    # --- worker -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            request = self._queue.get()
+            if request is None:
+                return
+            try:
+                outcome = self._handle(request)
+            except Exception as exc:  # the node keeps serving whatever happens to one query
+                log.exception("query %s failed", request.query_id)
+                outcome = Outcome(request, Status.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+            self._finish(outcome)
+
+    def _finish(self, outcome: Outcome) -> None:
+        request = outcome.request
+        outcome.timings_ms.setdefault("total_ms", (self.clock() - request.received) * 1e3)
+        key = "ok" if outcome.status == Status.OK else (
+            "refused" if outcome.status == Status.OVERLOADED else "errors")
+        self.counts[key] += 1
+        if outcome.status == Status.OK:
+            self.last_timings = dict(outcome.timings_ms)
+        if request.done is not None:
+            try:
+                request.done(outcome)
+            except Exception:  # a failing consumer must not kill the worker
+                log.exception("result callback for %s failed", request.query_id)
+
+    def _pick_frame(self, request: Request) -> tuple[Frame | None, Outcome | None]:
+        if request.frame is not None:
+            return request.frame, None
+        with self._frames_lock:
+            frames = list(self._frames)
+        if not frames:
+            return None, Outcome(request, Status.NO_IMAGE, "no camera image has arrived yet")
+        if request.stamp_ns:
+            match = next((f for f in reversed(frames) if f.stamp_ns == request.stamp_ns), None)
+            if match is None:
+                return None, Outcome(
+                    request, Status.STALE_IMAGE,
+                    f"no frame with stamp {request.stamp_ns / 1e9:.9f} s in the buffer (it holds "
+                    f"{frames[0].stamp_ns / 1e9:.9f} .. {frames[-1].stamp_ns / 1e9:.9f} s)")
+            return match, None
+        frame = frames[-1]
+        age = self.clock() - frame.received
+        if age > self.max_image_age:
+            return None, Outcome(request, Status.STALE_IMAGE,
+                                 f"the newest camera image is {age:.1f} s old; the limit is "
+                                 f"{self.max_image_age:.1f} s (max_image_age)", frame=frame)
+        return frame, None
+
+    def _handle(self, request: Request) -> Outcome:
+        started = self.clock()
+        timings = {"queue_ms": (started - request.received) * 1e3, "image_encode_ms": 0.0}
+        frame, refusal = self._pick_frame(request)
+        if refusal is not None:
+            return refusal
+        if frame.image is None:
+            return Outcome(request, Status.BAD_IMAGE, frame.error or "the image could not be used", frame=frame)
+        if frame.key != self._encoded_key:
+            try:
+                self._encoded_key = None
+                encode = self.predictor.set_image(frame.image)
+            except ImageError as exc:
+                return Outcome(request, Status.BAD_IMAGE, str(exc), frame=frame)
+            self._encoded_key = frame.key
+            timings["image_encode_ms"] = encode["set_image_ms"]
+        mode = request.mode if request.mode != "auto" else choose_mode(request.text)
+        try:
+            answer = self.predictor.ask(request.text, regions=request.regions or None, mode=mode,
+                                        max_new_tokens=self.max_new_tokens, masks=self.masks)
+        except QueryError as exc:
+            return Outcome(request, Status.BAD_QUERY, str(exc), frame=frame, mode=mode)
+        except ImageError as exc:
+            return Outcome(request, Status.BAD_IMAGE, str(exc), frame=frame, mode=mode)
+        timings["llm_ms"] = answer.timings_ms["llm_ms"]
+        timings["mask_ms"] = answer.timings_ms["mask_ms"]
+        objects = [self._object(o, frame) for o in answer.objects]
+        timings["total_ms"] = (self.clock() - request.received) * 1e3
+        return Outcome(request, Status.OK, "", answer.text, objects, frame, mode, timings)
+
+    @staticmethod
+    def _object(obj: GroundedObject, frame: Frame) -> ObjectResult:
+        position = object_position(obj.mask, frame.depth, frame.intrinsics) if obj.mask is not None else None
+        return ObjectResult(obj.phrase, obj.score, obj.box, obj.mask, obj.mask_score, position)

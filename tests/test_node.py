@@ -1,0 +1,183 @@
+"""The grounding node in its own process, over a real rclpy graph."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sensor_msgs.msg import CameraInfo
+
+from nextchat_ros.msg import GroundingResult
+from nextchat_ros.ros_client import GroundingClient, image_msg
+from nextchat_ros.scenes import render_scene
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.ros
+NS = f"/nextchat_test_{os.getpid()}"
+OK = GroundingResult.STATUS_OK
+
+
+@pytest.fixture(scope="module")
+def node(saved_tiny):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={NS}",
+         "-p", f"model_dir:={saved_tiny}", "-p", "max_image_pixels:=500000", "-p", "max_image_age:=30.0",
+         "-p", "queue_size:=16"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = GroundingClient(NS)
+    try:
+        client.wait_for_node()
+        yield process, client
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)
+
+
+@pytest.fixture()
+def client(node):
+    return node[1]
+
+
+def scene_frame(seed: int, stamp_ns: int):
+    scene = render_scene(seed, height=240, width=320)
+    return scene, image_msg(scene.image, stamp_ns)
+
+
+def test_image_and_query_give_a_result_stamped_like_the_image(client):
+    _scene, msg = scene_frame(1, 1_700_000_000_123_000_000)
+    client.publish_frame(msg)
+    result = client.ask_text("where is the red cube?")
+    assert result.status == OK, result.error
+    assert result.header.stamp == msg.header.stamp and result.header.frame_id == "camera"
+    assert len(result.objects) == 1 and "[0]" in result.answer
+    obj = result.objects[0]
+    assert obj.mask.width == 320 and obj.mask.height == 240 and obj.mask.encoding == "mono8"
+    assert set(np.unique(np.frombuffer(bytes(obj.mask.data), np.uint8))) <= {0, 255}
+    assert 0 <= obj.center_x <= 320 and obj.size_x >= 0
+    assert result.total_ms > 0 and result.image_encode_ms > 0
+    again = client.ask_text("where is the blue ball?")
+    assert again.status == OK and again.image_encode_ms == 0  # the frame was encoded once
+
+
+def test_the_service_gives_the_same_answer_as_the_topics(client):
+    _scene, msg = scene_frame(2, 1_700_000_001_000_000_000)
+    client.publish_frame(msg)
+    by_topic = client.ask("topic-1", "where is the green cup?")
+    by_service = client.call("service-1", "where is the green cup?", image=msg)
+    assert by_topic.status == by_service.status == OK
+    assert by_service.answer == by_topic.answer
+    assert by_service.header.stamp == msg.header.stamp
+    a, b = by_topic.objects[0], by_service.objects[0]
+    assert (a.center_x, a.center_y, a.size_x, a.size_y) == pytest.approx((b.center_x, b.center_y, b.size_x, b.size_y),
+                                                                         abs=1e-3)
+    newest = client.call("service-2", "where is the green cup?")  # no image: the newest camera frame
+    assert newest.status == OK and newest.header.stamp == msg.header.stamp
+
+
+def test_a_region_query_over_ros_gets_a_caption(client):
+    scene, msg = scene_frame(3, 1_700_000_002_000_000_000)
+    client.publish_frame(msg)
+    x1, y1, x2, y2 = (int(v) for v in scene.objects[0].box)
+    result = client.ask("region-1", "describe [0].", regions=[(x1, y1, x2, y2)])
+    assert result.status == OK, result.error
+    assert isinstance(result.answer, str) and result.query == "describe [0]."
+
+
+def test_depth_gives_3d_points(client):
+    scene, msg = scene_frame(4, 1_700_000_003_000_000_000)
+    info = CameraInfo()
+    info.header = msg.header
+    fx, fy, cx, cy = scene.camera["fx"], scene.camera["fy"], scene.camera["cx"], scene.camera["cy"]
+    info.k = [fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0]
+    depth = np.full((240, 320), 750, np.uint16)  # a plane 0.75 m away, in millimetres
+    client.info_pub.publish(info)
+    client.depth_pub.publish(image_msg(depth, 1_700_000_003_000_000_000, "16UC1"))
+    import time
+
+    time.sleep(0.5)
+    client.publish_frame(msg)
+    result = client.ask_text("where is the yellow bottle?")
+    assert result.status == OK, result.error
+    located = [o for o in result.objects if o.has_position]
+    assert located and len(located) == len([o for o in result.objects if o.mask.width])
+    for obj in located:
+        mask = np.frombuffer(bytes(obj.mask.data), np.uint8).reshape(240, 320) > 0
+        ys, xs = np.nonzero(mask)
+        truth = ((xs.mean() + 0.5 - cx) * 0.75 / fx, (ys.mean() + 0.5 - cy) * 0.75 / fy, 0.75)
+        got = (obj.position.x, obj.position.y, obj.position.z)
+        assert np.linalg.norm(np.subtract(got, truth)) < 0.02
+
+
+BAD_IMAGES = {
+    "unsupported encoding": lambda: _raw(8, 8, "yuv422", 16, b"\0" * 128),
+    "step smaller than a row": lambda: _raw(8, 8, "rgb8", 10, b"\0" * 80),
+    "truncated": lambda: _raw(16, 16, "rgb8", 48, b"\0" * 100),
+    "empty": lambda: _raw(0, 0, "rgb8", 0, b""),
+    "oversized": lambda: _raw(800, 800, "mono8", 800, b"\0" * (800 * 800)),
+    "big-endian 16-bit": lambda: _raw(8, 8, "mono16", 16, b"\0" * 128, big=True),
+    "float with NaN": lambda: _raw(8, 8, "32FC1", 32, np.full(64, np.nan, np.float32).tobytes()),
+}
+
+
+def _raw(width, height, encoding, step, data, big=False):
+    msg = image_msg(np.zeros((1, 1, 3), np.uint8), 1_700_000_010_000_000_000)
+    msg.width, msg.height, msg.encoding, msg.step, msg.data, msg.is_bigendian = width, height, encoding, step, data, big
+    return msg
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_images_get_bad_image_and_the_node_keeps_serving(client, name):
+    bad = BAD_IMAGES[name]()
+    bad.header.stamp.nanosec = list(BAD_IMAGES).index(name) + 1  # a stamp of its own
+    stamp_ns = bad.header.stamp.sec * 1_000_000_000 + bad.header.stamp.nanosec
+    for attempt in range(3):  # camera QoS is best effort: resend if a frame was dropped
+        client.publish_frame(bad)
+        result = client.ask(f"bad-{name}-{attempt}", "where is the cube?", stamp_ns=stamp_ns)
+        if result.status != GroundingResult.STATUS_STALE_IMAGE:
+            break
+    assert result.status == GroundingResult.STATUS_BAD_IMAGE, (name, result.error)
+    assert result.error and result.header.stamp == bad.header.stamp
+    _scene, msg = scene_frame(5, 1_700_000_011_000_000_000)
+    client.publish_frame(msg)
+    assert client.ask_text(f"where is the ball? ({name})").status == OK
+
+
+@pytest.mark.parametrize("query_id,text,regions,status", [
+    ("empty", "", (), GroundingResult.STATUS_BAD_QUERY),
+    ("blank", "   \t ", (), GroundingResult.STATUS_BAD_QUERY),
+    ("long", "where " * 1000, (), GroundingResult.STATUS_BAD_QUERY),
+    ("special", "<trigger> <loc> <at> <boxes> <im_patch>", (), OK),
+    ("zero-area", "what is [0]?", [(10, 10, 10, 40)], GroundingResult.STATUS_BAD_QUERY),
+    ("outside", "what is [0]?", [(300, 200, 900, 900)], GroundingResult.STATUS_BAD_QUERY),
+    ("unreferenced", "what is this?", [(10, 10, 50, 50)], GroundingResult.STATUS_BAD_QUERY),
+])
+def test_bad_queries_get_their_status_and_the_node_keeps_serving(client, query_id, text, regions, status):
+    _scene, msg = scene_frame(6, 1_700_000_012_000_000_000)
+    client.publish_frame(msg)
+    result = client.ask(query_id, text, regions=regions)
+    assert result.status == status, result.error
+    if status != OK:
+        assert result.error and result.header.stamp == msg.header.stamp
+    assert client.ask(f"{query_id}-after", "where is the cube?").status == OK
+
+
+def test_a_query_for_an_unknown_frame_stamp_is_refused(client):
+    _scene, msg = scene_frame(7, 1_700_000_013_000_000_000)
+    client.publish_frame(msg)
+    result = client.ask("old-stamp", "where is the cube?", stamp_ns=1_600_000_000_000_000_000)
+    assert result.status == GroundingResult.STATUS_STALE_IMAGE and "no frame with stamp" in result.error
+    named = client.ask("named-stamp", "where is the cube?", stamp_ns=1_700_000_013_000_000_000)
+    assert named.status == OK and named.header.stamp == msg.header.stamp
+
+
+def test_sigint_shuts_down_cleanly(node):
+    process, client = node
+    client.close()
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, out[-3000:]
+    assert "Traceback" not in out

@@ -1,0 +1,107 @@
+"""The training loop: freeze schedules, exact resume, DDP on CPU, and learning."""
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from nextchat_training.train import MODULES, StageConfig, apply_freeze_schedule, train_stage
+
+from nextchat_ros.model import build_model
+from tests.conftest import ROOT
+
+CONFIGS = ROOT / "training" / "configs"
+
+
+def trainable_modules(model):
+    out = set()
+    for name in MODULES:
+        flags = {p.requires_grad for p in model.get_submodule(name).parameters()}
+        assert len(flags) == 1, f"{name} is partly trainable"
+        if flags == {True}:
+            out.add(name)
+    return out
+
+
+def test_freeze_schedules_of_the_shipped_configs(tiny_model):
+    expected = {
+        "sam": {"sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder"},
+        "vision": {"vision_tower"},
+        "stage1": {"vision_tower", "projector", "llm", "box_decoder", "box_encoder"},
+        "stage2": {"projector", "llm", "box_decoder", "box_encoder"},  # all but the vision tower
+        "stage3": {"seg_prompt_mlp", "sam.mask_decoder"},  # as released
+    }
+    pipeline = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    names = []
+    for path in pipeline["stages"]:
+        stage = StageConfig.load(CONFIGS / path)
+        names.append(stage.name)
+        apply_freeze_schedule(tiny_model, stage.trainable)
+        assert trainable_modules(tiny_model) == expected[stage.name], stage.name
+    assert names[-3:] == ["stage1", "stage2", "stage3"]
+    for path in ("full/stage1.yaml", "full/stage2.yaml", "full/stage3.yaml"):
+        stage = StageConfig.load(CONFIGS / path)
+        apply_freeze_schedule(tiny_model, stage.trainable)
+        assert "vision_tower" not in trainable_modules(tiny_model)
+        assert stage.lr == 2e-5 and stage.mixed_precision == "bf16" and stage.warmup_ratio == 0.03
+        assert stage.batch_size * stage.grad_accum * 8 == 64
+    assert trainable_modules(tiny_model) == expected["stage3"]
+    tiny_model.requires_grad_(True)
+
+
+def small_stage(**overrides) -> StageConfig:
+    values = dict(name="s", steps=6, batch_size=2, lr=1e-3, log_every=1, save_every=1, num_workers=0,
+                  image_height=96, image_width=128,
+                  trainable=["vision_tower", "projector", "llm", "box_decoder", "box_encoder"])
+    values.update(overrides)
+    return StageConfig(**values)
+
+
+def losses(path: Path) -> list[str]:
+    with open(path) as f:
+        return [row["loss"] for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("kind", ["lm", "sam"])
+def test_resume_after_a_stop_reproduces_the_uninterrupted_run(tmp_path, kind):
+    extra = {"kind": kind, "trainable": ["sam.mask_decoder"]} if kind == "sam" else {}
+    stage = small_stage(**extra)
+    straight = train_stage(build_model("tiny", seed=0), stage, tmp_path / "straight", progress=False)
+    train_stage(build_model("tiny", seed=0), stage, tmp_path / "stopped", max_steps=3, progress=False)
+    assert losses(tmp_path / "stopped/metrics.csv") == losses(tmp_path / "straight/metrics.csv")[:3]
+    resumed = train_stage(build_model("tiny", seed=1), stage, tmp_path / "stopped", progress=False)
+    assert losses(tmp_path / "stopped/metrics.csv") == losses(tmp_path / "straight/metrics.csv")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_training_step_on_cpu(tmp_path):
+    stage = tmp_path / "stage.yaml"
+    stage.write_text(yaml.safe_dump(dict(name="ddp", steps=4, batch_size=2, log_every=1, save_every=1,
+                                         num_workers=0, image_height=96, image_width=128,
+                                         trainable=["projector", "llm", "box_decoder", "box_encoder"])))
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(dict(name="ddp", out=str(tmp_path / "out"), stages=["stage.yaml"],
+                                          final_eval_samples=0)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                          str(Path(sys.executable).parent / "nextchat"), "train", "--config", str(config),
+                          "--max-steps", "2", "--no-eval"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    step = yaml.safe_load((tmp_path / "out/ddp/checkpoint/trainer.json").read_text())["step"]
+    assert step == 2
+    rows = losses(tmp_path / "out/ddp/metrics.csv")
+    assert len(rows) == 2 and all(float(r) > 0 for r in rows)

@@ -1,0 +1,104 @@
+"""Turning (scene, sample) pairs into model inputs: a torch Dataset over the
+synthetic stream, and the collate function that pads them into a TrainingBatch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from nextchat_ros.images import pixels_to_normalized
+from nextchat_ros.model.config import NextChatConfig
+from nextchat_ros.model.nextchat import TrainingBatch, collate
+from nextchat_ros.model.prompt import PromptBuilder
+from nextchat_ros.model.sam import preprocess_image as sam_preprocess
+from nextchat_ros.model.sam import target_masks
+from nextchat_ros.model.vision import preprocess_image as vision_preprocess
+
+from .data import SyntheticTabletop
+
+
+def encode_item(image: np.ndarray, question: str, answer: str, regions, answer_boxes, masks,
+                prompt: PromptBuilder, config: NextChatConfig, with_masks: bool) -> dict:
+    """Model inputs of one sample. Boxes in pixels of ``image``; ``masks`` (one per
+    answer box, image-sized bool) or None."""
+    h, w = image.shape[:2]
+    regions = [pixels_to_normalized(b, h, w) for b in regions]
+    boxes = [pixels_to_normalized(b, h, w) for b in answer_boxes]
+    example = prompt.training_example(question, answer, regions, boxes)
+    pixels = torch.from_numpy(np.ascontiguousarray(image).copy())
+    item = {"example": example, "vision_pixels": vision_preprocess(pixels, config.vision)}
+    if with_masks:
+        item["sam_pixels"] = sam_preprocess(pixels, config.sam)
+        item["mask_targets"] = (target_masks(torch.from_numpy(np.stack(masks)), config.sam)[:, 0]
+                                if masks is not None and len(masks) else None)
+    return item
+
+
+class SyntheticItems(Dataset):
+    """Item i of a split's synthetic stream, encoded for the model."""
+
+    def __init__(self, stream: SyntheticTabletop, prompt: PromptBuilder, config: NextChatConfig, with_masks: bool):
+        self.stream, self.prompt, self.config, self.with_masks = stream, prompt, config, with_masks
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict:
+        scene, sample = self.stream.item(index)
+        masks = [o.mask for o in sample.answer_objects]
+        return encode_item(scene.image, sample.question, sample.answer, sample.regions, sample.answer_boxes,
+                           masks, self.prompt, self.config, self.with_masks)
+
+
+class RealItems(Dataset):
+    """Samples read from real data files (formats.py), cycled epoch after epoch in
+    an order that is a pure function of (seed, epoch)."""
+
+    def __init__(self, samples: list, prompt: PromptBuilder, config: NextChatConfig, with_masks: bool,
+                 seed: int = 0):
+        if not samples:
+            raise ValueError("no samples in the configured data files")
+        self.samples, self.prompt, self.config, self.with_masks, self.seed = samples, prompt, config, with_masks, seed
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        epoch, position = divmod(index, len(self.samples))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        sample = self.samples[order[position]]
+        with Image.open(sample.image_path) as img:
+            image = np.asarray(img.convert("RGB"))
+        return encode_item(image, sample.question, sample.answer, sample.regions, sample.answer_boxes,
+                           sample.masks, self.prompt, self.config, self.with_masks)
+
+
+class StreamSampler(Sampler):
+    """Indices start + rank, start + rank + world, ... (every rank its own share,
+    and a resumed run continues exactly where it stopped)."""
+
+    def __init__(self, start: int, rank: int = 0, world: int = 1):
+        self.start, self.rank, self.world = start, rank, world
+
+    def __iter__(self):
+        index = self.start + self.rank
+        while True:
+            yield index
+            index += self.world
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+class Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> TrainingBatch:
+        vision = torch.stack([i["vision_pixels"] for i in items])
+        sam = torch.stack([i["sam_pixels"] for i in items]) if "sam_pixels" in items[0] else None
+        masks = [i["mask_targets"] for i in items] if "sam_pixels" in items[0] else None
+        return collate([i["example"] for i in items], self.pad_id, vision, sam, masks)

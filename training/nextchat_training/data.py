@@ -1,0 +1,249 @@
+"""Samples for every NExT-Chat task, made from procedural tabletop scenes.
+
+Each scene (``nextchat_ros.scenes.render_scene``) gives exact boxes and masks;
+this module turns it into question/answer pairs whose answers are written the
+way the model writes them: ``phrase [k]`` for each grounded mention. Every
+sample is a pure function of (split, index): the held-out split uses seeds the
+training split never touches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nextchat_ros.scenes import COLORS, KINDS, Scene, SceneObject, render_scene
+
+TASKS = ("rec", "multi", "region_caption", "grounded_caption", "count", "pope", "instruction", "color_vqa")
+# Relative frequency of each task in training.
+DEFAULT_TASK_WEIGHTS = {"rec": 4.0, "multi": 1.0, "region_caption": 2.0, "grounded_caption": 1.0, "count": 1.0,
+                        "pope": 2.0, "instruction": 2.0, "color_vqa": 1.0}
+SPLIT_SEED = {"train": 0, "heldout": 1_000_000_000, "test": 2_000_000_000}
+NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight"]
+REC_QUESTIONS = ["where is the {ref}?", "find the {ref}.", "point to the {ref}.", "locate the {ref}.",
+                 "show me the {ref}.", "which object is the {ref}?"]
+
+
+@dataclass
+class Sample:
+    task: str
+    question: str
+    answer: str
+    regions: list[np.ndarray] = field(default_factory=list)  # pixel xyxy, referred to as [k] in the question
+    answer_objects: list[SceneObject] = field(default_factory=list)  # referred to as [k] in the answer
+    truth: dict = field(default_factory=dict)  # what evaluation checks (label, attributes, count, ...)
+
+    @property
+    def answer_boxes(self) -> list[np.ndarray]:
+        return [o.box for o in self.answer_objects]
+
+
+def _plural(kind: str) -> str:
+    return kind + ("es" if kind.endswith("s") else "s")
+
+
+def _others(scene: Scene, target: SceneObject) -> list[SceneObject]:
+    return [o for o in scene.objects if o is not target]
+
+
+def referring_expressions(scene: Scene, target: SceneObject) -> list[str]:
+    """Every expression from our grammar that names ``target`` and nothing else."""
+    objs, others = scene.objects, _others(scene, target)
+    exprs = []
+
+    def unique(pred) -> bool:
+        return pred(target) and not any(pred(o) for o in others)
+
+    if unique(lambda o: o.kind == target.kind):
+        exprs.append(target.kind)
+    if unique(lambda o: o.kind == target.kind and o.color == target.color):
+        exprs.append(f"{target.color} {target.kind}")
+    if unique(lambda o: o.color == target.color):
+        exprs.append(f"{target.color} object")
+    if unique(lambda o: o.kind == target.kind and o.size == target.size):
+        exprs.append(f"{target.size} {target.kind}")
+    same_kind = [o for o in objs if o.kind == target.kind]
+    if len(same_kind) >= 2:
+        xs = sorted(same_kind, key=lambda o: o.center[0])
+        if target is xs[0]:
+            exprs.append(f"leftmost {target.kind}")
+        if target is xs[-1]:
+            exprs.append(f"rightmost {target.kind}")
+    if len(objs) >= 2:
+        if target is max(objs, key=lambda o: o.area):
+            exprs.append("largest object")
+        if target is min(objs, key=lambda o: o.area):
+            exprs.append("smallest object")
+        if target is min(objs, key=lambda o: o.center[0]):
+            exprs.append("leftmost object")
+        if target is max(objs, key=lambda o: o.center[0]):
+            exprs.append("rightmost object")
+        if target is max(objs, key=lambda o: o.center[1]):
+            exprs.append("nearest object")
+    for anchor in others:
+        aname = _simple_name(scene, anchor)
+        if aname is None:
+            continue
+        left = [o for o in others if o is not anchor and o.center[0] < anchor.center[0]]
+        if target.center[0] < anchor.center[0] and not any(o.kind == target.kind for o in left):
+            exprs.append(f"{target.kind} left of the {aname}")
+        right = [o for o in others if o is not anchor and o.center[0] > anchor.center[0]]
+        if target.center[0] > anchor.center[0] and not any(o.kind == target.kind for o in right):
+            exprs.append(f"{target.kind} right of the {aname}")
+        behind = [o for o in others if o is not anchor and o.center[1] < anchor.center[1]]
+        if target.center[1] < anchor.center[1] and not any(o.kind == target.kind for o in behind):
+            exprs.append(f"{target.kind} behind the {aname}")
+        def dist(o, a=anchor):
+            return float(np.hypot(o.center[0] - a.center[0], o.center[1] - a.center[1]))
+        rest = [o for o in objs if o is not anchor]
+        if len(rest) >= 2 and target is min(rest, key=dist):
+            exprs.append(f"object nearest to the {aname}")
+    return exprs
+
+
+def _simple_name(scene: Scene, obj: SceneObject) -> str | None:
+    """The shortest attribute-only name of ``obj`` in ``scene``, or None."""
+    others = _others(scene, obj)
+    if not any(o.kind == obj.kind for o in others):
+        return obj.kind
+    if not any(o.kind == obj.kind and o.color == obj.color for o in others):
+        return f"{obj.color} {obj.kind}"
+    return None
+
+
+def _caption(obj: SceneObject) -> str:
+    return f"a {obj.size} {obj.color} {obj.kind}"
+
+
+def _absent(scene: Scene, rng: np.random.Generator, strategy: str) -> tuple[str, str]:
+    present = {(o.color, o.kind) for o in scene.objects}
+    kinds_present = {o.kind for o in scene.objects}
+    colors_present = {o.color for o in scene.objects}
+    pool = [(c, k) for c in COLORS for k in KINDS if (c, k) not in present]
+    if strategy == "adversarial":  # a present kind in another colour, or a present colour on another kind
+        near = [(c, k) for c, k in pool if k in kinds_present or c in colors_present]
+        pool = near or pool
+    elif strategy == "popular":  # the most frequent kinds of the data (cubes, balls, cups)
+        popular = [(c, k) for c, k in pool if k in ("cube", "ball", "cup")]
+        pool = popular or pool
+    return pool[int(rng.integers(len(pool)))]
+
+
+def make_sample(scene: Scene, task: str, rng: np.random.Generator) -> Sample | None:
+    """One sample of ``task`` about ``scene`` (None when the scene cannot give one)."""
+    objs = scene.objects
+    if not objs:
+        return None
+    if task == "rec":
+        choices = [(o, e) for o in objs for e in referring_expressions(scene, o)]
+        if not choices:
+            return None
+        target, expr = choices[int(rng.integers(len(choices)))]
+        q = REC_QUESTIONS[int(rng.integers(len(REC_QUESTIONS)))].format(ref=expr)
+        return Sample(task, q, "Answer: [0] .", answer_objects=[target], truth={"expression": expr})
+    if task == "multi":
+        if rng.random() < 0.5:
+            color = objs[int(rng.integers(len(objs)))].color
+            group = [o for o in objs if o.color == color]
+            q = f"find all the {color} objects."
+        else:
+            kind = objs[int(rng.integers(len(objs)))].kind
+            group = [o for o in objs if o.kind == kind]
+            q = f"find all the {_plural(kind)}."
+        group = sorted(group, key=lambda o: o.center[0])
+        parts = [f"the {o.color} {o.kind} [{k}]" for k, o in enumerate(group)]
+        return Sample(task, q, _join(parts) + ".", answer_objects=group, truth={"count": len(group)})
+    if task == "region_caption":
+        target = objs[int(rng.integers(len(objs)))]
+        q = ["describe [0].", "what is [0]?", "what object is in [0]?"][int(rng.integers(3))]
+        return Sample(task, q, _caption(target) + ".", regions=[target.box.copy()],
+                      truth={"color": target.color, "kind": target.kind, "size": target.size})
+    if task == "grounded_caption":
+        group = sorted(objs, key=lambda o: o.center[0])
+        parts = [f"{_caption(o)} [{k}]" for k, o in enumerate(group)]
+        q = ["describe the image.", "what is on the table?", "describe the scene and ground every object."][
+            int(rng.integers(3))]
+        return Sample(task, q, "there is " + _join(parts) + ".", answer_objects=group, truth={"count": len(group)})
+    if task == "count":
+        kind = (objs[int(rng.integers(len(objs)))].kind if rng.random() < 0.8
+                else KINDS[int(rng.integers(len(KINDS)))])
+        n = sum(o.kind == kind for o in objs)
+        verb, noun = ("is", kind) if n == 1 else ("are", _plural(kind))
+        return Sample(task, f"how many {_plural(kind)} are there?", f"there {verb} {NUMBERS[n]} {noun}.",
+                      truth={"count": n, "kind": kind})
+    if task == "pope":
+        if rng.random() < 0.5:
+            target = objs[int(rng.integers(len(objs)))]
+            color, kind = target.color, target.kind
+            matches = [o for o in objs if o.color == color and o.kind == kind]
+            parts = [f"the {color} {kind} [{k}]" for k, _ in enumerate(matches)]
+            return Sample(task, f"is there a {color} {kind} in the image?", "yes, " + _join(parts) + ".",
+                          answer_objects=matches, truth={"label": "yes", "strategy": "positive"})
+        strategy = ("random", "popular", "adversarial")[int(rng.integers(3))]
+        color, kind = _absent(scene, rng, strategy)
+        return Sample(task, f"is there a {color} {kind} in the image?", "no.",
+                      truth={"label": "no", "strategy": strategy})
+    if task == "instruction":
+        named = [(o, n) for o in objs if (n := _simple_name(scene, o))]
+        if not named:
+            return None
+        target, name = named[int(rng.integers(len(named)))]
+        others = [(o, n) for o, n in named if o is not target]
+        if others and rng.random() < 0.4:
+            dest, dname = others[int(rng.integers(len(others)))]
+            return Sample(task, f"put the {name} next to the {dname}.",
+                          f"moving the {name} [0] next to the {dname} [1].", answer_objects=[target, dest],
+                          truth={"target": name})
+        verb = ["pick up", "grab", "push"][int(rng.integers(3))]
+        gerund = {"pick up": "picking up", "grab": "grabbing", "push": "pushing"}[verb]
+        return Sample(task, f"{verb} the {name}.", f"{gerund} the {name} [0].", answer_objects=[target],
+                      truth={"target": name})
+    if task == "color_vqa":
+        named = [(o, o.kind) for o in objs if sum(p.kind == o.kind for p in objs) == 1]
+        if not named:
+            return None
+        target, kind = named[int(rng.integers(len(named)))]
+        return Sample(task, f"what color is the {kind}?", f"the {kind} [0] is {target.color}.",
+                      answer_objects=[target], truth={"color": target.color})
+    raise ValueError(f"unknown task {task}")
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+class SyntheticTabletop:
+    """An endless, seekable stream of (scene, sample) for one split.
+
+    Item ``i`` is rendered from seed ``SPLIT_SEED[split] + i`` and its task is
+    drawn from ``task_weights`` with the same seed, so a run resumed at item i
+    sees exactly the items an uninterrupted run would.
+    """
+
+    def __init__(self, split: str = "train", task_weights: dict[str, float] | None = None,
+                 height: int = 240, width: int = 320, tasks: tuple[str, ...] | None = None):
+        if split not in SPLIT_SEED:
+            raise ValueError(f"unknown split '{split}'; use one of {sorted(SPLIT_SEED)}")
+        self.split = split
+        weights = dict(task_weights or DEFAULT_TASK_WEIGHTS)
+        if tasks is not None:
+            weights = {t: weights.get(t, 1.0) for t in tasks}
+        unknown = set(weights) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
+        self.tasks = [t for t in TASKS if weights.get(t, 0) > 0]
+        total = sum(weights[t] for t in self.tasks)
+        self.probs = np.array([weights[t] / total for t in self.tasks])
+        self.height, self.width = height, width
+
+    def item(self, index: int) -> tuple[Scene, Sample]:
+        seed = SPLIT_SEED[self.split] + index
+        rng = np.random.default_rng([seed, 17])
+        first = int(rng.choice(len(self.tasks), p=self.probs))
+        scene = render_scene(seed, height=self.height, width=self.width)
+        for k in range(len(self.tasks)):  # fall back to the next task if a scene cannot give this one
+            sample = make_sample(scene, self.tasks[(first + k) % len(self.tasks)], rng)
+            if sample is not None:
+                return scene, sample
+        raise RuntimeError(f"scene {seed} gives no sample")  # a scene always has >= 1 object

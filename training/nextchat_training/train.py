@@ -1,0 +1,465 @@
+"""The training loop for every stage of NExT-Chat, from one YAML config.
+
+A config names an initial model and a list of stages (each a YAML file of its
+own, see training/configs/). Each stage sets which modules train (the freeze
+schedule), its steps, batch, learning rate schedule and tasks. The output of a
+stage initialises the next. Stage kinds:
+
+- ``lm``   : the NExT-Chat forward: LM + box + cycle losses (stages 1 and 2),
+             plus the mask loss when ``masks: true`` (stage 3).
+- ``sam``  : box-prompted mask training of SAM alone. The released model starts
+             from SAM's pretrained weights; none exist offline for the tiny
+             preset, so this stage stands in for SAM's own pretraining.
+- ``vision``: dense per-patch training of the vision tower alone (objectness,
+             colour, kind and box of the object under each patch), standing in
+             for CLIP's pretraining in the same way; its heads are discarded.
+
+Checkpoints hold model, optimizer, scheduler and step; the data stream is a pure
+function of the sample index, so a resumed run continues exactly. Runs on one
+process or under torchrun (DDP; gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from nextchat_ros.images import pixels_to_normalized
+from nextchat_ros.model import NextChatModel, build_model, load_pretrained, save_pretrained
+from nextchat_ros.model.losses import mask_loss
+from nextchat_ros.model.nextchat import jitter_boxes
+from nextchat_ros.model.sam import preprocess_image as sam_preprocess
+from nextchat_ros.model.sam import target_masks
+
+from .batches import Collator, RealItems, StreamSampler, SyntheticItems
+from .data import SyntheticTabletop
+from .evaluate import evaluate, format_metrics
+from .formats import read_coco_instances, read_jsonl
+
+MODULES = ("vision_tower", "projector", "llm", "box_decoder", "box_encoder", "seg_prompt_mlp",
+           "sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder")
+
+
+@dataclass
+class StageConfig:
+    name: str
+    kind: str = "lm"  # lm | sam
+    steps: int = 1000
+    batch_size: int = 16  # per process, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    trainable: list[str] = field(default_factory=lambda: list(MODULES))
+    masks: bool = False
+    tasks: dict[str, float] | None = None  # synthetic task weights
+    # Real data instead of the synthetic stream: a list of
+    # {jsonl: PATH, task: rec|reg|gc|vqa, image_root: DIR} or {coco: PATH, image_root: DIR}.
+    data: list[dict] | None = None
+    mask_box_jitter: float = 0.0  # SAM is prompted with boxes jittered by this fraction of their size
+    mixed_precision: str = "auto"  # auto (bf16 where the device has it) | bf16 | no
+    gradient_checkpointing: bool = False
+    eval_every: int = 0
+    eval_samples: int = 100
+    save_every: int = 200
+    log_every: int = 10
+    num_workers: int = 1
+    image_height: int = 240
+    image_width: int = 320
+
+    @classmethod
+    def load(cls, path: Path) -> StageConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown stage keys {sorted(unknown)}")
+        stage = cls(**data)
+        bad = [m for m in stage.trainable if m not in MODULES]
+        if bad:
+            raise ValueError(f"{path}: unknown modules in 'trainable': {bad}; known: {MODULES}")
+        if stage.kind not in ("lm", "sam", "vision"):
+            raise ValueError(f"{path}: kind must be 'lm', 'sam' or 'vision'")
+        return stage
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    out: str
+    stages: list[str]
+    init_preset: str | None = "tiny"
+    init_checkpoint: str | None = None
+    seed: int = 0
+    final_eval_samples: int = 1000
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        config = cls(**data)
+        # stage files are relative to the config file
+        config.stages = [str((path.parent / s).resolve()) for s in config.stages]
+        return config
+
+
+# --- distributed ------------------------------------------------------------------
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+# --- freeze schedule -------------------------------------------------------------
+
+def apply_freeze_schedule(model: NextChatModel, trainable: list[str]) -> list[torch.nn.Parameter]:
+    """requires_grad = True exactly for the parameters of the listed modules."""
+    model.requires_grad_(False)
+    params = []
+    for name in trainable:
+        module = model.get_submodule(name)
+        module.requires_grad_(True)
+        params += list(module.parameters())
+    return params
+
+
+def lr_lambda(stage: StageConfig):
+    warmup = max(1, int(stage.warmup_ratio * stage.steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, stage.steps - warmup)
+        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def load_real_samples(sources: list[dict]) -> list:
+    samples = []
+    for source in sources:
+        root = source.get("image_root", ".")
+        if "jsonl" in source:
+            samples += list(read_jsonl(source["jsonl"], source.get("task", "rec"), root))
+        elif "coco" in source:
+            samples += list(read_coco_instances(source["coco"], root))
+        else:
+            raise ValueError(f"data source needs 'jsonl' or 'coco': {source}")
+    return samples
+
+
+# --- the SAM stage's data -----------------------------------------------------------
+
+class SamItems(Dataset):
+    """Every object of scene i: SAM input, normalised boxes, low-res target masks."""
+
+    def __init__(self, stream: SyntheticTabletop, config):
+        self.stream, self.config = stream, config
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict:
+        scene, _ = self.stream.item(index)
+        h, w = scene.image.shape[:2]
+        boxes = torch.tensor(np.stack([pixels_to_normalized(o.box, h, w) for o in scene.objects]), dtype=torch.float32)
+        masks = torch.from_numpy(np.stack([o.mask for o in scene.objects]))
+        return {"sam_pixels": sam_preprocess(torch.from_numpy(scene.image.copy()), self.config.sam),
+                "boxes": boxes, "targets": target_masks(masks, self.config.sam)}
+
+
+def collate_sam(items):
+    return items
+
+
+class VisionItems(Dataset):
+    """Scene i for the dense vision stage: tower input and per-patch targets."""
+
+    def __init__(self, stream: SyntheticTabletop, config):
+        self.stream, self.config = stream, config.vision
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, index: int) -> dict:
+        from nextchat_ros.images import square_padding
+        from nextchat_ros.model.vision import preprocess_image
+        from nextchat_ros.scenes import COLORS, KINDS
+
+        scene, _ = self.stream.item(index)
+        h, w = scene.image.shape[:2]
+        side, left, top = square_padding(h, w)
+        grid = self.config.image_size // self.config.patch_size
+        masks = np.zeros((len(scene.objects), side, side), np.float32)
+        for k, o in enumerate(scene.objects):
+            masks[k, top:top + h, left:left + w] = o.mask
+        cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(masks), grid).flatten(1)  # (K, g*g)
+        best, owner = cover.max(0) if len(scene.objects) else (torch.zeros(grid * grid), torch.zeros(grid * grid))
+        has = best > 0.15
+        colors = torch.tensor([list(COLORS).index(o.color) + 1 for o in scene.objects] or [0])
+        kinds = torch.tensor([KINDS.index(o.kind) + 1 for o in scene.objects] or [0])
+        boxes = torch.tensor(np.stack([pixels_to_normalized(o.box, h, w) for o in scene.objects]),
+                             dtype=torch.float32)
+        owner = owner.long()
+        return {"pixels": preprocess_image(torch.from_numpy(scene.image.copy()), self.config),
+                "color": torch.where(has, colors[owner], 0), "kind": torch.where(has, kinds[owner], 0),
+                "box": boxes[owner], "has": has}
+
+
+class VisionHeads(torch.nn.Module):
+    """Per-patch heads of the dense vision stage (discarded afterwards)."""
+
+    def __init__(self, dim: int):
+        from nextchat_ros.scenes import COLORS, KINDS
+
+        super().__init__()
+        self.color = torch.nn.Linear(dim, len(COLORS) + 1)
+        self.kind = torch.nn.Linear(dim, len(KINDS) + 1)
+        self.box = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, 4))
+
+
+def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items) -> dict[str, torch.Tensor]:
+    batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0]}
+    features = model.vision_tower(batch["pixels"])  # (B, g*g, C)
+    ce = torch.nn.functional.cross_entropy
+    loss = ce(heads.color(features).flatten(0, 1), batch["color"].flatten())
+    loss = loss + ce(heads.kind(features).flatten(0, 1), batch["kind"].flatten())
+    has = batch["has"]
+    if has.any():
+        loss = loss + 5 * torch.nn.functional.l1_loss(heads.box(features)[has], batch["box"][has])
+    return {"loss": loss, "box": loss}
+
+
+def sam_stage_loss(model: NextChatModel, items, stage: StageConfig, generator) -> dict[str, torch.Tensor]:
+    sam, weights = model.sam, model.config.loss
+    pixels = torch.stack([i["sam_pixels"] for i in items]).to(model.device)
+    embeddings = sam.encode_image(pixels)
+    logits, ious, targets = [], [], []
+    for b, item in enumerate(items):
+        boxes = jitter_boxes(item["boxes"], stage.mask_box_jitter, generator).to(model.device)
+        box_tokens, dense = sam.prompt_encoder(points=None, boxes=boxes * sam.config.image_size, masks=None)
+        low, iou = sam.mask_decoder(image_embeddings=embeddings[b:b + 1], image_pe=sam.prompt_encoder.get_dense_pe(),
+                                    sparse_prompt_embeddings=box_tokens, dense_prompt_embeddings=dense,
+                                    multimask_output=False)
+        logits.append(low)
+        ious.append(iou)
+        targets.append(item["targets"].to(low.device))
+    loss = mask_loss(torch.cat(logits), torch.cat(ious), torch.cat(targets),
+                     weights.mask_focal, weights.mask_dice, weights.mask_iou)
+    return {"loss": loss, "mask": loss}
+
+
+# --- checkpoints ---------------------------------------------------------------------
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, heads=None) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    save_pretrained(model, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "heads": heads.state_dict() if heads is not None else None}, tmp / "trainer.pt")
+    (tmp / "trainer.json").write_text(json.dumps({"step": step}))
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    tmp.rename(directory)  # a checkpoint is either complete or absent
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler, heads=None) -> int:
+    loaded = load_pretrained(directory)
+    model.load_state_dict(loaded.state_dict())
+    state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=True)
+    if heads is not None:
+        heads.load_state_dict(state["heads"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(json.loads((directory / "trainer.json").read_text())["step"])
+
+
+# --- one stage -----------------------------------------------------------------------
+
+def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: int = 0,
+                max_steps: int | None = None, progress: bool = True) -> NextChatModel:
+    """Train ``model`` for one stage; resumes from ``out_dir/checkpoint`` if present.
+
+    ``max_steps`` stops early (after that many optimizer steps in total) while
+    keeping the schedule of ``stage.steps`` -- used to test resumption.
+    """
+    rank, world = dist_info()
+    device = model.device
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = apply_freeze_schedule(model, stage.trainable)
+    heads = None
+    if stage.kind == "vision":
+        torch.manual_seed(seed)
+        heads = VisionHeads(model.config.vision.hidden_size).to(device)
+        params = params + list(heads.parameters())
+    model.train()
+    if stage.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    use_bf16 = stage.mixed_precision == "bf16" or (stage.mixed_precision == "auto" and device.type == "cuda"
+                                                   and torch.cuda.is_bf16_supported())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+    ckpt = out_dir / "checkpoint"
+    step = load_checkpoint(ckpt, model, optimizer, scheduler, heads) if (ckpt / "trainer.json").is_file() else 0
+    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+                 if world > 1 else model)
+
+    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
+    per_step = stage.batch_size * stage.grad_accum * world
+    if stage.kind == "sam":
+        dataset, collate_fn = SamItems(stream, model.config), collate_sam
+    elif stage.kind == "vision":
+        dataset, collate_fn = VisionItems(stream, model.config), collate_sam
+    elif stage.data:
+        dataset = RealItems(load_real_samples(stage.data), model.prompt, model.config, stage.masks, seed)
+        collate_fn = Collator(model.tokenizer.eos_id)
+    else:
+        dataset = SyntheticItems(stream, model.prompt, model.config, with_masks=stage.masks)
+        collate_fn = Collator(model.tokenizer.eos_id)
+    sampler = StreamSampler(step * per_step, rank, world)
+    loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=sampler, collate_fn=collate_fn,
+                        num_workers=stage.num_workers, prefetch_factor=4 if stage.num_workers else None,
+                        persistent_workers=False)
+    generator = torch.Generator().manual_seed(seed * 1000 + step)
+    original_jitter = model.config.loss.mask_box_jitter
+    model.config.loss.mask_box_jitter = stage.mask_box_jitter
+
+    log_path = out_dir / "metrics.csv"
+    writer = None
+    if rank == 0:
+        new = not log_path.exists() or step == 0
+        log_file = open(log_path, "w" if new else "a", newline="")  # noqa: SIM115 (closed below)
+        writer = csv.writer(log_file)
+        if new:
+            writer.writerow(["step", "lr", "loss", "lm", "box", "cycle", "mask", "samples_per_s", "eval"])
+    end = min(stage.steps, max_steps) if max_steps else stage.steps
+    bar = tqdm(total=stage.steps, initial=step, desc=f"{stage.name}", disable=not progress or rank != 0,
+               unit="step", dynamic_ncols=True)
+    batches = iter(loader)
+    running: dict[str, float] = {}
+    t_last, samples = time.perf_counter(), 0
+    history = []
+    while step < end:
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(stage.grad_accum):
+            batch = next(batches)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                if stage.kind == "sam":
+                    losses = sam_stage_loss(model, batch, stage, generator)
+                elif stage.kind == "vision":
+                    losses = vision_stage_loss(model, heads, batch)
+                else:
+                    losses = ddp_model(batch)
+            (losses["loss"] / stage.grad_accum).backward()
+            for k in ("loss", "lm", "box", "cycle", "mask"):
+                if k in losses:
+                    running[k] = running.get(k, 0.0) + losses[k].item() / stage.grad_accum
+            samples += stage.batch_size * world
+        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        history.append({k: v for k, v in running.items()})
+        if step % stage.log_every == 0 or step == end:
+            n = stage.log_every if step % stage.log_every == 0 else len(history) % stage.log_every or 1
+            recent = history[-n:]
+            mean = {k: sum(h.get(k, 0.0) for h in recent) / len(recent) for k in recent[-1]}
+            rate = samples / (time.perf_counter() - t_last)
+            t_last, samples = time.perf_counter(), 0
+            bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()})
+            eval_text = ""
+            if rank == 0 and stage.eval_every and step % stage.eval_every == 0 and stage.kind == "lm":
+                model.eval()
+                metrics = evaluate(model, "heldout", stage.eval_samples, task_weights={"rec": 1.0}, progress=False)
+                model.train()
+                eval_text = f"rec_acc@0.5={metrics['rec_acc@0.5']:.3f}"
+                bar.write(f"[{stage.name} step {step}] held-out {eval_text}")
+            if writer:
+                terms = [f"{mean[k]:.5f}" if k in mean else "" for k in ("loss", "lm", "box", "cycle", "mask")]
+                writer.writerow([step, f"{scheduler.get_last_lr()[0]:.3e}", *terms, f"{rate:.1f}", eval_text])
+                log_file.flush()
+        running = {}
+        if rank == 0 and (step % stage.save_every == 0 or step == end):
+            save_checkpoint(ckpt, model, optimizer, scheduler, step, heads)
+    bar.close()
+    if writer:
+        log_file.close()
+    model.config.loss.mask_box_jitter = original_jitter
+    if stage.gradient_checkpointing:
+        model.llm.gradient_checkpointing_disable()
+    model.requires_grad_(True)
+    model.eval()
+    return model
+
+
+def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = None, progress: bool = True,
+        final_eval: bool = True) -> Path:
+    """Run every stage of a training config; returns the final model directory."""
+    config = TrainConfig.load(config_path)
+    device_t = torch.device(device)
+    init_distributed(device_t)
+    rank, _ = dist_info()
+    out = Path(config.out)
+    torch.manual_seed(config.seed)
+    if config.init_checkpoint:
+        model = load_pretrained(config.init_checkpoint)
+    else:
+        model = build_model(config.init_preset, seed=config.seed)
+    model = model.to(device_t)
+    t0 = time.perf_counter()
+    timings = {}
+    for stage_path in config.stages:
+        stage = StageConfig.load(Path(stage_path))
+        stage_dir = out / stage.name
+        final = stage_dir / "model"
+        if (final / "model.safetensors").is_file():
+            loaded = load_pretrained(final).to(device_t)
+            model.load_state_dict(loaded.state_dict())
+            continue
+        ts = time.perf_counter()
+        model = train_stage(model, stage, stage_dir, seed=config.seed, max_steps=max_steps, progress=progress)
+        timings[stage.name] = time.perf_counter() - ts
+        if max_steps and max_steps < stage.steps:
+            return stage_dir  # stopped early on purpose
+        if rank == 0:
+            save_pretrained(model, final)
+    final_dir = out / "final"
+    if rank == 0:
+        save_pretrained(model, final_dir)
+        report = {"config": str(config_path), "stages": [asdict(StageConfig.load(Path(s))) for s in config.stages],
+                  "train_seconds": timings, "total_seconds": time.perf_counter() - t0,
+                  "torch_threads": torch.get_num_threads(), "device": device}
+        if final_eval and config.final_eval_samples:
+            metrics = evaluate(model, "heldout", config.final_eval_samples, progress=progress)
+            report["heldout_metrics"] = metrics
+            print(format_metrics(metrics))
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return final_dir
