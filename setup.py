@@ -15,8 +15,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["nextchat_ros", "nextchat_ros.*"])
-    + find_packages("training", include=["nextchat_training", "nextchat_training.*"]),
-    package_dir={"nextchat_training": "training/nextchat_training"},
+    + find_packages("training", include=["nextchat_training", "nextchat_training.*"])
+    + find_packages("export", include=["nextchat_export", "nextchat_export.*"]),
+    package_dir={"nextchat_training": "training/nextchat_training", "nextchat_export": "export/nextchat_export"},
     package_data={"nextchat_ros": ["assets/**/*"]},
     entry_points={
         "console_scripts": [

@@ -21,6 +21,8 @@ def generate_launch_description():
         DeclareLaunchArgument("params_file", default_value=default_params, description="parameter YAML"),
         DeclareLaunchArgument("model_dir", default_value="", description="model directory ('' = shipped model)"),
         DeclareLaunchArgument("backend", default_value="torch", description="torch | onnxruntime | tensorrt"),
+        DeclareLaunchArgument("export_dir", default_value="",
+                              description="`nextchat export` output (empty = model_dir/export)"),
         DeclareLaunchArgument("device", default_value="cpu", description="torch device, e.g. cpu or cuda:0"),
         DeclareLaunchArgument("image_topic", default_value="image", description="camera image topic"),
         DeclareLaunchArgument("query_topic", default_value="query", description="plain-text query topic"),
@@ -37,6 +39,7 @@ def generate_launch_description():
             {
                 "model_dir": LaunchConfiguration("model_dir"),
                 "backend": LaunchConfiguration("backend"),
+                "export_dir": LaunchConfiguration("export_dir"),
                 "device": LaunchConfiguration("device"),
             },
         ],

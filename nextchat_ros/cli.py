@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "train",
     "evaluate": "evaluate",
     "convert-released": "convert",
+    "export": "export",
 }
 
 DESCRIPTION = """\
@@ -28,6 +29,7 @@ commands:
   demo      the quick-start demo: generated tabletop scenes, scripted questions, overlays
   train     train a model stage by stage from a YAML config (training/configs/)
   evaluate  held-out metrics of a model (REC Acc@0.5, mask mIoU, POPE, captions, ...)
+  export    ONNX graphs (parity-checked, linted) and TensorRT engines of the vision and mask parts
   convert-released  a released nextchat-7b-336 checkpoint -> a model directory
 
 Run `nextchat <command> --help` for a command's options.

@@ -36,6 +36,7 @@ INSTRUCTION = re.compile(r"^\s*(?:please\s+)?(?:pick(?: up)?|grab|grasp|take|put
 class NodeParameters:
     model_dir: str = ""
     backend: str = "torch"
+    export_dir: str = ""
     device: str = "cpu"
     max_image_age: float = 2.0
     frame_buffer: int = 8
@@ -62,6 +63,8 @@ class NodeParameters:
                 raise ValueError(f"parameter {name}={getattr(self, name)} must be >= 1")
         if self.model_dir and not Path(self.model_dir).is_dir():
             raise ValueError(f"parameter model_dir: model directory not found: {self.model_dir}")
+        if self.export_dir and not Path(self.export_dir).is_dir():
+            raise ValueError(f"parameter export_dir: export directory not found: {self.export_dir}")
 
 
 def declare_parameters(node) -> NodeParameters:
@@ -74,19 +77,20 @@ def declare_parameters(node) -> NodeParameters:
 
 def load_predictor(params: NodeParameters):
     """The predictor the parameters ask for; ModelFileError / ValueError name what is wrong."""
+    from .backends import load_backend
     from .errors import ModelFileError
     from .model.build import DEFAULT_MODEL_DIR
     from .model.checkpoint import load_pretrained
     from .predictor import NextChatPredictor
 
-    if params.backend != "torch":
-        raise ValueError(f"parameter backend='{params.backend}': only 'torch' is available in this build "
-                         "(ONNX Runtime / TensorRT backends come with the export step)")
     model_dir = Path(params.model_dir) if params.model_dir else DEFAULT_MODEL_DIR
     if not params.model_dir and not (model_dir / "model.safetensors").is_file():
         raise ModelFileError(f"no model_dir given and the shipped model is missing: {model_dir}")
     model = load_pretrained(model_dir, device=params.device)
-    return NextChatPredictor(model, device=params.device, max_image_pixels=params.max_image_pixels)
+    export_dir = Path(params.export_dir) if params.export_dir else model_dir / "export"
+    backend = load_backend(params.backend, model, export_dir if params.backend != "torch" else None)
+    return NextChatPredictor(model, device=params.device, max_image_pixels=params.max_image_pixels,
+                             backend=backend)
 
 
 def _stamp_ns(stamp) -> int:
@@ -150,6 +154,9 @@ def _node_class():
             self.params = declare_parameters(self)
             p = self.params
             predictor = load_predictor(p)
+            if getattr(predictor.backend, "fallback_reason", None):
+                self.get_logger().warning(f"backend '{p.backend}' unavailable ({predictor.backend.fallback_reason}); "
+                                          "running the vision and mask parts on ONNX Runtime")
             self.service = GroundingService(predictor, max_image_age=p.max_image_age, frame_buffer=p.frame_buffer,
                                             queue_size=p.queue_size, default_mode=p.mode,
                                             max_new_tokens=p.max_new_tokens, masks=True)

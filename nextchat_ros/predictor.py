@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from .backends import TorchBackend
 from .errors import ImageError, QueryError
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -75,9 +76,13 @@ class _Frame:
 
 class NextChatPredictor:
     def __init__(self, model: NextChatModel, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 dtype: torch.dtype = torch.float32, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 backend=None):
+        """``backend``: where the vision and mask parts run (``backends.load_backend``);
+        default torch. The LLM always runs in torch."""
         self.device = torch.device(device) if device is not None else model.device
         self.model = model.to(self.device, dtype).eval()
+        self.backend = backend if backend is not None else TorchBackend(self.model)
         self.max_image_pixels = max_image_pixels
         self._frame: _Frame | None = None
         self._lock = threading.Lock()
@@ -106,10 +111,10 @@ class NextChatPredictor:
             t0 = time.perf_counter()
             pixels = torch.from_numpy(image)
             vision_pixels = model.vision_tower.preprocess(pixels)[None].to(self.device, self.model.dtype)
-            image_embeds = model.encode_image(vision_pixels)
+            image_embeds = self.backend.vision(vision_pixels)
             t1 = time.perf_counter()
             sam_pixels = model.sam.preprocess(pixels)[None].to(self.device, self.model.dtype)
-            sam_embedding = model.sam.encode_image(sam_pixels)
+            sam_embedding = self.backend.sam_encoder(sam_pixels)
             t2 = time.perf_counter()
             prefix = torch.tensor([model.prompt.prefix()], device=self.device)
             cache = DynamicCache(config=model.llm.config)
@@ -262,7 +267,7 @@ class NextChatPredictor:
         model = self.model
         hidden = torch.stack([o.hidden for o in answer.objects])
         boxes = torch.stack([torch.as_tensor(o.box_normalized) for o in answer.objects]).to(self.device, model.dtype)
-        low, iou = model.trigger_hidden_to_masks(hidden, boxes, frame.sam_embedding)
+        low, iou = self.backend.masks(frame.sam_embedding, boxes, hidden)
         logits = model.sam.postprocess_masks(low, frame.height, frame.width)
         masks = (logits > model.config.sam.mask_threshold).cpu().numpy()
         for obj, mask, score in zip(answer.objects, masks, iou[:, 0].float().cpu().tolist()):

@@ -84,10 +84,11 @@ if ! stamp_ok package "$pkg_hash"; then
   stamp_set package "$pkg_hash"
 fi
 
-# training/ holds the nextchat_training package (see setup.py); make it importable.
+# training/ and export/ hold the nextchat_training and nextchat_export packages
+# (see setup.py); make them importable.
 site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "$ROOT/training" > "$site/nextchat_ros_training.pth"
+printf '%s\n%s\n' "$ROOT/training" "$ROOT/export" > "$site/nextchat_ros_training.pth"
 
-"$VENV/bin/python" -c "import nextchat_ros.msg, nextchat_ros.srv, nextchat_training" \
+"$VENV/bin/python" -c "import nextchat_ros.msg, nextchat_ros.srv, nextchat_training, nextchat_export" \
   || { say "ERROR: nextchat_ros messages do not import from $VENV"; exit 1; }
 say "environment ready: $VENV"

@@ -26,6 +26,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory (config.json, model.safetensors, tokenizer.json); "
                              "default: the shipped tiny model")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    parser.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                        help="where the vision and mask parts run (default: torch; the LLM always runs in torch)")
+    parser.add_argument("--export-dir", type=Path, default=None,
+                        help="`nextchat export` output for onnxruntime / tensorrt (default: MODEL/export)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,13 +58,18 @@ def parse_region(text: str) -> list[float]:
     return values
 
 
-def load_predictor(model_dir: Path | None, device: str):
+def load_predictor(model_dir: Path | None, device: str, backend: str = "torch", export_dir: Path | None = None):
+    from ..backends import load_backend
     from ..model.build import DEFAULT_MODEL_DIR
     from ..model.checkpoint import load_pretrained
     from ..predictor import NextChatPredictor
 
-    model = load_pretrained(model_dir or DEFAULT_MODEL_DIR, device=device)
-    return NextChatPredictor(model, device=device)
+    model_dir = model_dir or DEFAULT_MODEL_DIR
+    model = load_pretrained(model_dir, device=device)
+    parts = load_backend(backend, model, (export_dir or model_dir / "export") if backend != "torch" else None)
+    if getattr(parts, "fallback_reason", None):
+        print(f"warning: {backend} unavailable ({parts.fallback_reason}); using onnxruntime", file=sys.stderr)
+    return NextChatPredictor(model, device=device, backend=parts)
 
 
 def answer_to_dict(answer, image_path=None) -> dict:
@@ -83,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     regions = [parse_region(r) for r in args.region]
     image = load_rgb(args.image)
-    predictor = load_predictor(args.model, args.device)
+    predictor = load_predictor(args.model, args.device, args.backend, args.export_dir)
     timings = predictor.set_image(image)
     answer = predictor.ask(args.query, regions=regions or None, mode=args.mode, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)

@@ -1,0 +1,127 @@
+"""ONNX export with parity, the backends, broken files, and the TensorRT fallback."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from nextchat_export.onnx_export import export_onnx
+from nextchat_export.tensorrt_build import trtexec_commands
+
+from nextchat_ros.backends import (
+    BackendError,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    check_sidecar,
+    load_backend,
+    read_manifest,
+)
+from nextchat_ros.model import build_model
+from nextchat_ros.predictor import NextChatPredictor
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    manifest = export_onnx(tiny_model, out, fp16=True, progress=False)
+    return out, manifest
+
+
+def test_export_writes_parity_checked_linted_graphs(exported):
+    out, manifest = exported
+    assert manifest["parity"]["all_passed"]
+    assert set(manifest["parts"]) == {"vision", "sam_encoder", "mask"}
+    assert manifest["parts"]["mask"]["input_shapes"]["boxes"][0] == "objects"  # dynamic number of objects
+    assert manifest["parts"]["vision"]["input_shapes"]["pixel_values"][0] == "batch"
+    report = json.loads((out / "parity.json").read_text())
+    fp32 = [r for r in report["parity"] if r["precision"] == "fp32"]
+    assert len(fp32) == 6 and all(r["max_abs_diff"] <= 1e-4 for r in fp32)
+    assert {r["inputs"] for r in fp32} >= {"real scene"}
+    assert [x["lint"] for x in report["lint"]] == ["passed"] * 6
+    assert "| vision | fp32 | real scene |" in (out / "parity.md").read_text()
+
+
+@pytest.mark.parametrize("precision,box_tol", [("fp32", 1e-3), ("fp16", 2.0)])
+def test_switching_the_backend_gives_the_same_grounding(tiny_model, exported, scene, precision, box_tol):
+    out, _ = exported
+    answers = []
+    for backend in (TorchBackend(tiny_model), OnnxRuntimeBackend(tiny_model, out, precision=precision)):
+        predictor = NextChatPredictor(tiny_model, backend=backend)
+        predictor.set_image(scene.image)
+        answers.append((predictor.ask("where is the red cube?", mode="ground"),
+                        predictor.ask("describe [0].", regions=[[10, 10, 60, 50]], max_new_tokens=8)))
+    (g_torch, c_torch), (g_ort, c_ort) = answers
+    assert c_ort.text == c_torch.text and g_ort.text == g_torch.text
+    np.testing.assert_allclose(g_ort.objects[0].box, g_torch.objects[0].box, atol=box_tol)
+    a, b = g_ort.objects[0].mask, g_torch.objects[0].mask
+    union = (a | b).sum()
+    assert union == 0 or (a & b).sum() / union > (0.999 if precision == "fp32" else 0.95)
+
+
+def test_missing_truncated_and_mismatched_files_name_the_file(tiny_model, exported, tmp_path):
+    out, _ = exported
+    with pytest.raises(BackendError, match="no export manifest"):
+        OnnxRuntimeBackend(tiny_model, tmp_path)
+    missing = tmp_path / "missing"
+    shutil.copytree(out, missing)
+    (missing / "vision.onnx").unlink()
+    with pytest.raises(BackendError, match=r"ONNX graph missing: .*vision\.onnx"):
+        OnnxRuntimeBackend(tiny_model, missing)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(out, truncated)
+    data = (truncated / "mask.onnx").read_bytes()
+    (truncated / "mask.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(BackendError, match=r"cannot load ONNX graph .*mask\.onnx"):
+        OnnxRuntimeBackend(tiny_model, truncated)
+    with pytest.raises(BackendError, match="exported from another model"):
+        OnnxRuntimeBackend(build_model("tiny", seed=5), out)
+    bad = tmp_path / "bad-manifest"
+    shutil.copytree(out, bad)
+    (bad / "manifest.json").write_text("{")
+    with pytest.raises(BackendError, match="not a valid export manifest"):
+        read_manifest(bad)
+
+
+def test_tensorrt_falls_back_to_onnxruntime_with_a_reason(tiny_model, exported):
+    out, _ = exported
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        backend = load_backend("tensorrt", tiny_model, out)
+        assert isinstance(backend, OnnxRuntimeBackend) and "TensorRT is not installed" in backend.fallback_reason
+        with pytest.raises(BackendError, match="TensorRT is not installed"):
+            load_backend("tensorrt", tiny_model, out, fallback=False)
+    else:
+        pytest.skip("TensorRT is installed: the engine tests below cover it")
+
+
+def test_engine_sidecars_must_match_this_machine(tmp_path):
+    sidecar = {"tensorrt": "10.3.0", "gpu": "Orin", "precision": "fp16"}
+    check_sidecar(sidecar, {"tensorrt": "10.3.0", "gpu": "Orin"}, tmp_path / "vision.engine.json")
+    with pytest.raises(BackendError, match=r"vision\.engine\.json was built for gpu 'Orin'"):
+        check_sidecar(sidecar, {"tensorrt": "10.3.0", "gpu": "NVIDIA H100"}, tmp_path / "vision.engine.json")
+    with pytest.raises(BackendError, match=r"tensorrt '10\.3\.0'"):
+        check_sidecar(sidecar, {"tensorrt": "10.8.0", "gpu": "Orin"}, tmp_path / "vision.engine.json")
+
+
+def test_trtexec_commands_cover_every_part_with_profiles(exported):
+    out, _ = exported
+    commands = trtexec_commands(out)
+    assert len(commands) == 3 and all(c.startswith("trtexec --onnx=") and "--fp16" in c for c in commands)
+    mask = next(c for c in commands if "mask.onnx" in c)
+    assert "--minShapes=image_embedding:1x" in mask and "boxes:16x4" in mask
+
+
+def test_tensorrt_engines_build_and_match_onnxruntime(tiny_model, exported, scene):
+    pytest.importorskip("tensorrt")
+    from nextchat_export.tensorrt_build import build_engines
+
+    out, _ = exported
+    build_engines(out, fp16=False)
+    trt_backend = load_backend("tensorrt", tiny_model, out, fallback=False)
+    results = []
+    for backend in (trt_backend, OnnxRuntimeBackend(tiny_model, out)):
+        predictor = NextChatPredictor(tiny_model, backend=backend)
+        predictor.set_image(scene.image)
+        results.append(predictor.ask("where is the red cube?", mode="ground").objects[0].box)
+    np.testing.assert_allclose(results[0], results[1], atol=1e-2)
