@@ -116,9 +116,8 @@ def polygraphy_lint(path: Path) -> dict:
 
 
 def to_fp16(src: Path, dst: Path) -> None:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     import onnx_graphsurgeon as gs
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
     graph = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     # The converter appends its input casts at the end of the node list; ONNX

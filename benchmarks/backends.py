@@ -1,0 +1,94 @@
+"""Per-part latency: eager torch vs ONNX Runtime (CPU), in one process, one run.
+
+    .venv/bin/python benchmarks/backends.py [--model DIR] [--export DIR] [--repeats 30]
+
+Parts: vision tower + projector, SAM image encoder, mask decoder (3 objects).
+ONNX Runtime runs with spinning threads off so it does not distort the torch
+timings beside it (ENV.md). With --device cuda, also times torch fp16 at the
+preset's shapes (--preset full for the released model's shapes, random weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nextchat_ros.backends import OnnxRuntimeBackend, TorchBackend
+from nextchat_ros.model import build_model, load_pretrained
+from nextchat_ros.model.build import DEFAULT_MODEL_DIR
+
+
+def median_ms(fn, args, repeats: int, sync=lambda: None) -> float:
+    fn(*args)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def inputs(config, device="cpu", dtype=torch.float32, objects=3):
+    s, ss, e = config.vision.image_size, config.sam.image_size, config.sam.embedding_size
+    xy = torch.rand(objects, 2) * 0.5
+    return {
+        "vision": (torch.randn(1, 3, s, s, device=device, dtype=dtype),),
+        "sam_encoder": (torch.randn(1, 3, ss, ss, device=device, dtype=dtype),),
+        "mask": (torch.randn(1, config.sam.prompt_embed_dim, e, e, device=device, dtype=dtype),
+                 torch.cat([xy, xy + 0.3], 1).to(device, dtype),
+                 torch.randn(objects, config.llm.hidden_size, device=device, dtype=dtype)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--export", type=Path, default=None, help="existing `nextchat export` dir (else exported now)")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="tiny", help="with --device cuda: shapes of this preset (random weights)")
+    args = parser.parse_args()
+
+    if args.device.startswith("cuda"):
+        model = load_pretrained(args.model) if args.model else build_model(args.preset, seed=0)
+        model = model.to(args.device, torch.float16).eval()
+        backend = TorchBackend(model)
+        print(f"torch fp16 on {torch.cuda.get_device_name(0)}, preset {args.preset}")
+        with torch.inference_mode():
+            for part, x in inputs(model.config, args.device, torch.float16).items():
+                fn = {"vision": backend.vision, "sam_encoder": backend.sam_encoder, "mask": backend.masks}[part]
+                print(f"{part:<12}{median_ms(fn, x, args.repeats, torch.cuda.synchronize):>10.2f} ms")
+        return
+
+    model_dir = args.model or (DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "model.safetensors").is_file() else None)
+    model = load_pretrained(model_dir) if model_dir else build_model("tiny", seed=0)
+    export_dir = args.export
+    if export_dir is None:
+        from nextchat_export.onnx_export import export_onnx
+
+        export_dir = Path(tempfile.mkdtemp(prefix="nextchat-export-"))
+        export_onnx(model, export_dir, lint=False, progress=False)
+    torch_backend, ort_backend = TorchBackend(model), OnnxRuntimeBackend(model, export_dir)
+    print(f"CPU, {torch.get_num_threads()} torch threads; model {model_dir or 'tiny (random init)'}; "
+          f"median of {args.repeats}")
+    print(f"{'part':<12}{'torch ms':>10}{'ort ms':>10}{'speed-up':>10}")
+    with torch.inference_mode():
+        for part, x in inputs(model.config).items():
+            t_fn = {"vision": torch_backend.vision, "sam_encoder": torch_backend.sam_encoder,
+                    "mask": torch_backend.masks}[part]
+            o_fn = {"vision": ort_backend.vision, "sam_encoder": ort_backend.sam_encoder,
+                    "mask": ort_backend.masks}[part]
+            t_ms = median_ms(t_fn, x, args.repeats)
+            o_ms = median_ms(o_fn, x, args.repeats)
+            print(f"{part:<12}{t_ms:>10.2f}{o_ms:>10.2f}{t_ms / o_ms:>9.1f}x")
+
+
+if __name__ == "__main__":
+    main()
