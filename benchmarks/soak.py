@@ -64,7 +64,7 @@ def main() -> None:
 
     def on_result(msg: GroundingResult) -> None:
         received[msg.query_id] = (time.perf_counter(), msg.status)
-    client.node.create_subscription(GroundingResult, f"{namespace}/result", on_result, 100)
+    client.node.create_subscription(GroundingResult, f"{namespace}/result", on_result, 1000)
 
     def camera() -> None:
         period, k, t_next = 1.0 / args.camera_hz, 0, time.perf_counter()
@@ -107,7 +107,9 @@ def main() -> None:
     sampler("load", args.duration)
     stop.set()
     qthread.join()
-    time.sleep(5.0)  # let the last answers arrive
+    deadline = time.perf_counter() + 30.0  # let the queued answers arrive
+    while len(received) < len(sent) and time.perf_counter() < deadline:
+        time.sleep(0.5)
 
     latencies = np.array([(received[q][0] - t) * 1e3 for q, t in sent.items()
                           if q in received and received[q][1] == GroundingResult.STATUS_OK])

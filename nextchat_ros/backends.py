@@ -87,10 +87,27 @@ def check_model(manifest: dict, model, export_dir: Path) -> None:
                            f"(fingerprint {str(expected)[:12]}, this model {actual[:12]}); export it again")
 
 
-class OnnxRuntimeBackend:
+class _ExportedBackend:
+    """Runs the parts through ``self._run(part, *tensors) -> [tensors]``."""
+
+    def vision(self, pixels):
+        return self._run("vision", pixels)[0]
+
+    def sam_encoder(self, pixels):
+        return self._run("sam_encoder", pixels)[0]
+
+    def masks(self, embedding, boxes, hidden):
+        low, iou = self._run("mask", embedding, boxes, hidden)
+        return low, iou
+
+
+class OnnxRuntimeBackend(_ExportedBackend):
     name = "onnxruntime"
 
-    def __init__(self, model, export_dir: str | Path, threads: int = 0, precision: str | None = None):
+    def __init__(self, model, export_dir: str | Path, threads: int = 0, precision: str | None = None,
+                 allow_spinning: bool = False):
+        """allow_spinning: ONNX Runtime's busy-waiting worker threads are faster alone
+        but steal the cores the LLM (torch) needs right after; off by default."""
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
@@ -99,7 +116,7 @@ class OnnxRuntimeBackend:
         self.device, self.dtype = model.device, model.dtype
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         variant = precision or manifest.get("default_precision", "fp32")
         self.sessions = {}
         for part in PARTS:
@@ -123,16 +140,6 @@ class OnnxRuntimeBackend:
         outs = session.run(None, feeds)
         return [torch.from_numpy(np.ascontiguousarray(o)).to(self.device, self.dtype) for o in outs]
 
-    def vision(self, pixels):
-        return self._run("vision", pixels)[0]
-
-    def sam_encoder(self, pixels):
-        return self._run("sam_encoder", pixels)[0]
-
-    def masks(self, embedding, boxes, hidden):
-        low, iou = self._run("mask", embedding, boxes, hidden)
-        return low, iou
-
 
 def tensorrt_environment() -> dict:
     """What a TensorRT engine is tied to, on this machine (raises ImportError without TensorRT)."""
@@ -150,7 +157,7 @@ def check_sidecar(sidecar: dict, environment: dict, path: Path) -> None:
                                f"{environment.get(key)!r}; rebuild the engine here")
 
 
-class TensorRTBackend:
+class TensorRTBackend(_ExportedBackend):
     """Serialized TensorRT engines (``nextchat export --tensorrt``) run with CUDA buffers."""
 
     name = "tensorrt"
@@ -207,16 +214,6 @@ class TensorRTBackend:
             raise BackendError(f"TensorRT execution of {part} failed")
         stream.synchronize()
         return [r.to(self.device, self.dtype) for r in results]
-
-    def vision(self, pixels):
-        return self._run("vision", pixels)[0]
-
-    def sam_encoder(self, pixels):
-        return self._run("sam_encoder", pixels)[0]
-
-    def masks(self, embedding, boxes, hidden):
-        low, iou = self._run("mask", embedding, boxes, hidden)
-        return low, iou
 
 
 def load_backend(name: str, model, export_dir: str | Path | None = None, fallback: bool = True):

@@ -166,16 +166,19 @@ def _node_class():
             self._lock = threading.Lock()
             sensor = qos_profile_sensor_data
             inputs = MutuallyExclusiveCallbackGroup()
+            # Queries get their own group and a deep history: a busy camera callback
+            # must never make the middleware drop a query (each gets one result).
+            queries = MutuallyExclusiveCallbackGroup()
             self.create_subscription(Image, "image", self._on_image, sensor, callback_group=inputs)
             if p.subscribe_compressed:
                 self.create_subscription(CompressedImage, "image/compressed", self._on_compressed, sensor,
                                          callback_group=inputs)
             self.create_subscription(Image, "depth", self._on_depth, sensor, callback_group=inputs)
             self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sensor, callback_group=inputs)
-            self.create_subscription(String, "query", self._on_text_query, 10, callback_group=inputs)
-            self.create_subscription(Query, "structured_query", self._on_query, 10, callback_group=inputs)
-            self.result_pub = self.create_publisher(GroundingResult, "result", 10)
-            self.answer_pub = self.create_publisher(String, "answer", 10)
+            self.create_subscription(String, "query", self._on_text_query, 100, callback_group=queries)
+            self.create_subscription(Query, "structured_query", self._on_query, 100, callback_group=queries)
+            self.result_pub = self.create_publisher(GroundingResult, "result", 100)
+            self.answer_pub = self.create_publisher(String, "answer", 100)
             self.mask_pub = self.create_publisher(Image, "mask", 10)
             self.overlay_pub = self.create_publisher(Image, "overlay", 10)
             self.point_pub = self.create_publisher(PointStamped, "target_point", 10)

@@ -34,12 +34,12 @@ class GroundingClient:
         self.image_pub = self.node.create_publisher(Image, f"{ns}/image", 10)
         self.depth_pub = self.node.create_publisher(Image, f"{ns}/depth", 10)
         self.info_pub = self.node.create_publisher(CameraInfo, f"{ns}/camera_info", 10)
-        self.text_pub = self.node.create_publisher(String, f"{ns}/query", 10)
-        self.query_pub = self.node.create_publisher(Query, f"{ns}/structured_query", 10)
+        self.text_pub = self.node.create_publisher(String, f"{ns}/query", 100)
+        self.query_pub = self.node.create_publisher(Query, f"{ns}/structured_query", 100)
         self.results: list[GroundingResult] = []
         self.answers: list[str] = []
         self._cond = threading.Condition()
-        self.node.create_subscription(GroundingResult, f"{ns}/result", self._on_result, 50)
+        self.node.create_subscription(GroundingResult, f"{ns}/result", self._on_result, 1000)
         self.node.create_subscription(String, f"{ns}/answer", lambda m: self.answers.append(m.data), 50)
         self.client = self.node.create_client(Ground, f"{ns}/ground")
         self.executor = SingleThreadedExecutor(context=self.context)

@@ -25,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("out/train/tiny"))
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--note", default="", help="a paragraph for the card (how the run went)")
     args = parser.parse_args()
     report = json.loads((args.run / "report.json").read_text())
     args.out.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,13 @@ def main() -> None:
             bar = BARS.get(key)
             verdict = f">= {bar}: {'met' if value >= bar else 'MISSED'}" if bar else ""
             lines.append(f"| {key} | {value:.3f} | {verdict} |")
+    missed = [k for k, bar in BARS.items() if k in metrics and metrics[k] < bar]
+    status = (f"**Status: below the quality bars ({', '.join(missed)}).** Boxes, masks and yes/no answers "
+              "of this model are not reliable; it ships so that every part of the pipeline runs with a trained "
+              "model, and as the baseline to beat." if missed else "Status: meets every quality bar.")
+    lines[4:4] = ["", status, ""]
+    if args.note:
+        lines[7:7] = [args.note, ""]
     lines += ["", f"task counts: {metrics.get('task_counts')}", ""]
     (args.out / "README.md").write_text("\n".join(lines))
     print(f"shipped {args.out} ({size_mb:.1f} MB)")

@@ -181,3 +181,46 @@ def test_sigint_shuts_down_cleanly(node):
     out, _ = process.communicate(timeout=30)
     assert process.returncode == 0, out[-3000:]
     assert "Traceback" not in out
+
+
+SHIPPED = ROOT / "nextchat_ros" / "assets" / "models" / "tiny"
+
+
+def _shipped_rec_acc() -> str:
+    try:
+        card = (SHIPPED / "README.md").read_text()
+        return next(line for line in card.splitlines() if line.startswith("| rec_acc@0.5 "))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped tiny model does not localise well enough yet "
+                   f"(model card: {_shipped_rec_acc()}); see issue 4. Remove this mark when it passes.")
+def test_shipped_model_grounds_held_out_scenes_over_ros(tmp_path):
+    from nextchat_training.data import SyntheticTabletop
+    from nextchat_training.evaluate import box_iou
+
+    ns = f"/nextchat_shipped_{os.getpid()}"
+    process = subprocess.Popen([sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={ns}",
+                                "-p", "max_image_age:=30.0"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT)
+    client = GroundingClient(ns)
+    hits = 0
+    try:
+        client.wait_for_node()
+        stream = SyntheticTabletop("heldout", {"rec": 1.0})
+        for i in range(10):
+            scene, sample = stream.item(i)
+            stamp = 1_800_000_000_000_000_000 + i
+            client.publish_frame(image_msg(scene.image, stamp))
+            result = client.ask(f"shipped-{i}", sample.question, stamp_ns=stamp)
+            assert result.status == OK and result.header.stamp.nanosec == i
+            o = result.objects[0]
+            box = (o.center_x - o.size_x / 2, o.center_y - o.size_y / 2, o.center_x + o.size_x / 2,
+                   o.center_y + o.size_y / 2)
+            hits += box_iou(box, sample.answer_boxes[0]) >= 0.5
+    finally:
+        client.close()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert hits >= 8, f"{hits} of 10 held-out scenes grounded at IoU >= 0.5"

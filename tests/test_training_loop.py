@@ -105,3 +105,18 @@ def test_two_process_ddp_training_step_on_cpu(tmp_path):
     assert step == 2
     rows = losses(tmp_path / "out/ddp/metrics.csv")
     assert len(rows) == 2 and all(float(r) > 0 for r in rows)
+
+
+def test_a_short_training_run_lowers_the_loss_and_raises_held_out_iou(tmp_path):
+    from nextchat_training.evaluate import evaluate
+
+    model = build_model("tiny", seed=0)
+    before = evaluate(model, "heldout", 24, task_weights={"rec": 1.0}, progress=False, height=120, width=160)
+    stage = small_stage(name="short", steps=60, batch_size=8, lr=1e-3, log_every=10, save_every=60,
+                        image_height=120, image_width=160, tasks={"rec": 3.0, "region_caption": 1.0, "pope": 1.0})
+    train_stage(model, stage, tmp_path / "short", progress=False)
+    rows = losses(tmp_path / "short/metrics.csv")
+    assert float(rows[-1]) < 0.6 * float(rows[0])
+    after = evaluate(model, "heldout", 24, task_weights={"rec": 1.0}, progress=False, height=120, width=160)
+    assert after["rec_mean_iou"] > before["rec_mean_iou"] + 0.02
+    assert after["rec_acc@0.5"] >= before["rec_acc@0.5"]

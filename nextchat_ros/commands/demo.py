@@ -95,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir, trained = _demo_model(args.model, args.out)
     print(f"model: {model_dir}" + ("" if trained else "  (UNTRAINED random weights: no shipped model here)"))
+    card = Path(model_dir) / "README.md"
+    if card.is_file():  # say up front how good the model is (its model card's status line)
+        status = next((line for line in card.read_text().splitlines() if "Status" in line), "")
+        if status:
+            print(status.replace("**", ""))
     namespace = f"/nextchat_demo_{os.getpid()}"
     node = subprocess.Popen([sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={namespace}",
                              "-p", f"model_dir:={model_dir}", "-p", f"device:={args.device}"],

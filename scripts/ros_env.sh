@@ -1,0 +1,10 @@
+# Sourced by demo.sh and test.sh: set up the environment (idempotent) and isolate
+# ROS to this run: a DDS domain of its own, discovery on this machine only, and a
+# writable log folder. Values already set (as CI sets them) are kept.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${NEXTCHAT_VENV:-$ROOT/.venv}"
+bash "$ROOT/scripts/bootstrap.sh"
+cd "$ROOT"
+export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( $$ % 100 + 1 ))}"
+export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+export ROS_LOG_DIR="${ROS_LOG_DIR:-$(mktemp -d -t nextchat-ros-log.XXXXXX)}"
