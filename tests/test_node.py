@@ -20,10 +20,11 @@ OK = GroundingResult.STATUS_OK
 
 
 @pytest.fixture(scope="module")
-def node(saved_tiny):
+def node():
+    # The shipped model (the node's default): the node as a user gets it.
     process = subprocess.Popen(
         [sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={NS}",
-         "-p", f"model_dir:={saved_tiny}", "-p", "max_image_pixels:=500000", "-p", "max_image_age:=30.0",
+         "-p", "max_image_pixels:=100000", "-p", "max_image_age:=30.0",
          "-p", "queue_size:=16"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = GroundingClient(NS)
@@ -102,10 +103,13 @@ def test_depth_gives_3d_points(client):
     client.publish_frame(msg)
     result = client.ask_text("where is the yellow bottle?")
     assert result.status == OK, result.error
-    located = [o for o in result.objects if o.has_position]
-    assert located and len(located) == len([o for o in result.objects if o.mask.width])
-    for obj in located:
-        mask = np.frombuffer(bytes(obj.mask.data), np.uint8).reshape(240, 320) > 0
+    masks = [np.frombuffer(bytes(o.mask.data), np.uint8).reshape(240, 320) > 0 for o in result.objects]
+    assert any(m.any() for m in masks)
+    # every object with a non-empty mask gets a point, and only those
+    assert [o.has_position for o in result.objects] == [bool(m.any()) for m in masks]
+    for obj, mask in zip(result.objects, masks):
+        if not mask.any():
+            continue
         ys, xs = np.nonzero(mask)
         truth = ((xs.mean() + 0.5 - cx) * 0.75 / fx, (ys.mean() + 0.5 - cy) * 0.75 / fy, 0.75)
         got = (obj.position.x, obj.position.y, obj.position.z)
@@ -117,7 +121,7 @@ BAD_IMAGES = {
     "step smaller than a row": lambda: _raw(8, 8, "rgb8", 10, b"\0" * 80),
     "truncated": lambda: _raw(16, 16, "rgb8", 48, b"\0" * 100),
     "empty": lambda: _raw(0, 0, "rgb8", 0, b""),
-    "oversized": lambda: _raw(800, 800, "mono8", 800, b"\0" * (800 * 800)),
+    "oversized": lambda: _raw(400, 400, "mono8", 400, b"\0" * (400 * 400)),  # > max_image_pixels
     "big-endian 16-bit": lambda: _raw(8, 8, "mono16", 16, b"\0" * 128, big=True),
     "float with NaN": lambda: _raw(8, 8, "32FC1", 32, np.full(64, np.nan, np.float32).tobytes()),
 }
@@ -134,10 +138,11 @@ def test_bad_images_get_bad_image_and_the_node_keeps_serving(client, name):
     bad = BAD_IMAGES[name]()
     bad.header.stamp.nanosec = list(BAD_IMAGES).index(name) + 1  # a stamp of its own
     stamp_ns = bad.header.stamp.sec * 1_000_000_000 + bad.header.stamp.nanosec
-    for attempt in range(3):  # camera QoS is best effort: resend if a frame was dropped
-        client.publish_frame(bad)
+    not_arrived = (GroundingResult.STATUS_STALE_IMAGE, GroundingResult.STATUS_NO_IMAGE)
+    for attempt in range(5):  # camera QoS is best effort: resend if a frame was dropped
+        client.publish_frame(bad, settle=0.5)
         result = client.ask(f"bad-{name}-{attempt}", "where is the cube?", stamp_ns=stamp_ns)
-        if result.status != GroundingResult.STATUS_STALE_IMAGE:
+        if result.status not in not_arrived:
             break
     assert result.status == GroundingResult.STATUS_BAD_IMAGE, (name, result.error)
     assert result.error and result.header.stamp == bad.header.stamp

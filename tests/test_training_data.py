@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from nextchat_training.data import TASKS, SyntheticTabletop, make_sample, referring_expressions
 
-from nextchat_ros.scenes import render_scene
+from nextchat_ros.scenes import COLORS, SIZES, render_scene
 
 
 def test_scenes_and_samples_are_deterministic():
@@ -77,7 +77,10 @@ def test_referring_expressions_name_one_object():
         for obj in scene.objects:
             for expr in referring_expressions(scene, obj):
                 words = expr.split()
-                if len(words) == 2 and words[1] in {o.kind for o in scene.objects}:
-                    matches = [o for o in scene.objects if (o.color, o.kind) == (words[0], words[1])
-                               or (o.size, o.kind) == (words[0], words[1])]
+                if len(words) == 2 and words[0] in set(COLORS) | set(SIZES):  # "red cube", "small ball"
+                    if words[1] == "object":
+                        matches = [o for o in scene.objects if o.color == words[0]]
+                    else:
+                        matches = [o for o in scene.objects if (o.color, o.kind) == (words[0], words[1])
+                                   or (o.size, o.kind) == (words[0], words[1])]
                     assert matches == [obj], expr
