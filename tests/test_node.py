@@ -95,11 +95,12 @@ def test_depth_gives_3d_points(client):
     fx, fy, cx, cy = scene.camera["fx"], scene.camera["fy"], scene.camera["cx"], scene.camera["cy"]
     info.k = [fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0]
     depth = np.full((240, 320), 750, np.uint16)  # a plane 0.75 m away, in millimetres
-    client.info_pub.publish(info)
-    client.depth_pub.publish(image_msg(depth, 1_700_000_003_000_000_000, "16UC1"))
     import time
 
-    time.sleep(0.5)
+    for _ in range(3):  # sensor-data QoS is best effort: send depth and intrinsics a few times
+        client.info_pub.publish(info)
+        client.depth_pub.publish(image_msg(depth, 1_700_000_003_000_000_000, "16UC1"))
+        time.sleep(0.3)
     client.publish_frame(msg)
     result = client.ask_text("where is the yellow bottle?")
     assert result.status == OK, result.error
