@@ -33,7 +33,8 @@ from .model.nextchat import NextChatModel
 MODES = ("generate", "ground")
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 # Leading words that are not part of an object's name in a phrase.
-_PHRASE_LEAD = re.compile(r"^(?:answer:|and|or|with|then|also|is|are|it is|there is|there are)\s+", re.I)
+_PHRASE_LEAD = re.compile(r"^(?:answer:|and|or|with|then|also|is|are|it is|there is|there are|yes|"
+                          r"picking up|grabbing|pushing|moving|placing|putting|next to)\s+", re.I)
 _QUERY_LEAD = re.compile(
     r"^(?:(?:please|can you|could you)\s+)*(?:where(?:'s| is| are)|find|locate|show(?: me)?|point (?:to|at)|"
     r"detect|segment|ground|give me|pick up|grab|look at)\s+", re.I)

@@ -136,3 +136,12 @@ def test_new_frame_replaces_the_cached_one(tiny_model, scene):
                                           ("the green cup", "the green cup")])
 def test_ground_mode_phrase_comes_from_the_query(predictor, query, phrase):
     assert predictor.ask(query, mode="ground").objects[0].phrase == phrase
+
+
+@pytest.mark.parametrize("text,phrase", [(" picking up the cup", "the cup"), (" and a blue ball", "a blue ball"),
+                                         ("there is a red cube, a cup", "a cup"), ("yes, the red cube", "the red cube"),
+                                         (" moving the ring", "the ring")])
+def test_generated_phrases_drop_the_verbs_before_the_object(text, phrase):
+    from nextchat_ros.predictor import _phrase_from_text
+
+    assert _phrase_from_text(text) == phrase
