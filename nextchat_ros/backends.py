@@ -30,14 +30,6 @@ class BackendError(NextChatError):
     """An exported graph or engine cannot be used; the message names the file."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_fingerprint(model) -> str:
     """A hash of the parameters the exported parts depend on (vision, SAM, heads)."""
     digest = hashlib.sha256()

@@ -45,11 +45,12 @@ RELEASED_KEY_MAP: dict[str, str] = {
 }
 # Keys of the released checkpoint we deliberately do not load: the vision tower
 # comes from its own CLIP directory, and rotary caches are recomputed.
-RELEASED_IGNORED_PREFIXES = ("model.vision_tower.", "model.layers.*.self_attn.rotary_emb.")
+RELEASED_IGNORED_PREFIXES = ("model.vision_tower.",)
+RELEASED_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def released_to_ours(key: str) -> str | None:
-    if key.startswith("model.vision_tower.") or key.endswith("rotary_emb.inv_freq"):
+    if key.startswith(RELEASED_IGNORED_PREFIXES) or key.endswith(RELEASED_IGNORED_SUFFIXES):
         return None
     best = max((p for p in RELEASED_KEY_MAP if key.startswith(p)), key=len, default=None)
     if best is None:

@@ -363,7 +363,7 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
     batches = iter(loader)
     running: dict[str, float] = {}
     t_last, samples = time.perf_counter(), 0
-    history = []
+    window: list[dict[str, float]] = []  # per-step loss terms since the last log line
     while step < end:
         optimizer.zero_grad(set_to_none=True)
         for _ in range(stage.grad_accum):
@@ -385,11 +385,10 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
         scheduler.step()
         step += 1
         bar.update(1)
-        history.append({k: v for k, v in running.items()})
+        window.append(running)
         if step % stage.log_every == 0 or step == end:
-            n = stage.log_every if step % stage.log_every == 0 else len(history) % stage.log_every or 1
-            recent = history[-n:]
-            mean = {k: sum(h.get(k, 0.0) for h in recent) / len(recent) for k in recent[-1]}
+            mean = {k: sum(h.get(k, 0.0) for h in window) / len(window) for k in window[-1]}
+            window = []
             rate = samples / (time.perf_counter() - t_last)
             t_last, samples = time.perf_counter(), 0
             bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()})
