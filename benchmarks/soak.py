@@ -60,10 +60,10 @@ def main() -> None:
     frames = [render_scene(s, height=480, width=640).image for s in range(4)]
     stop = threading.Event()
     sent: dict[str, float] = {}
-    received: dict[str, tuple[float, int]] = {}
+    received: dict[str, tuple[float, int, str]] = {}
 
     def on_result(msg: GroundingResult) -> None:
-        received[msg.query_id] = (time.perf_counter(), msg.status)
+        received[msg.query_id] = (time.perf_counter(), msg.status, msg.error)
     client.node.create_subscription(GroundingResult, f"{namespace}/result", on_result, 1000)
 
     def camera() -> None:
@@ -111,6 +111,10 @@ def main() -> None:
     while len(received) < len(sent) and time.perf_counter() < deadline:
         time.sleep(0.5)
 
+    from collections import Counter
+
+    from nextchat_ros.service import Status
+
     latencies = np.array([(received[q][0] - t) * 1e3 for q, t in sent.items()
                           if q in received and received[q][1] == GroundingResult.STATUS_OK])
     refused = sum(1 for q in sent if q in received and received[q][1] == GroundingResult.STATUS_OVERLOADED)
@@ -120,6 +124,11 @@ def main() -> None:
     load = [s for s in samples if s["phase"] == "load"]
     print(f"\nqueries sent {len(sent)}: answered {len(latencies)}, refused (OVERLOADED) {refused}, "
           f"errors {errors}, lost {lost}")
+    if errors:  # which errors, and one sentence of each kind
+        kinds = Counter((Status(status).name, error.split(":")[0][:80]) for _, status, error in received.values()
+                        if status not in (0, GroundingResult.STATUS_OVERLOADED))
+        for (status, error), n in kinds.most_common():
+            print(f"  {n:5d} x {status}: {error}")
     if len(latencies):
         p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
         print(f"latency ms (publish -> result): p50 {p50:.0f}  p95 {p95:.0f}  p99 {p99:.0f}  max {latencies.max():.0f}")

@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "convert-released": "convert",
     "export": "export",
+    "bag": "bag",
 }
 
 DESCRIPTION = """\
@@ -30,6 +31,7 @@ commands:
   train     train a model stage by stage from a YAML config (training/configs/)
   evaluate  held-out metrics of a model (REC Acc@0.5, mask mIoU, POPE, captions, ...)
   export    ONNX graphs (parity-checked, linted) and TensorRT engines of the vision and mask parts
+  bag       record evaluation rosbags; replay them through the live node and score them
   convert-released  a released nextchat-7b-336 checkpoint -> a model directory
 
 Run `nextchat <command> --help` for a command's options.

@@ -40,6 +40,7 @@ class NodeParameters:
     device: str = "cpu"
     max_image_age: float = 2.0
     frame_buffer: int = 8
+    frame_wait: float = 0.5
     queue_size: int = 8
     mode: str = "auto"
     max_new_tokens: int = 48
@@ -58,6 +59,8 @@ class NodeParameters:
         for name in ("max_image_age", "depth_sync_tolerance", "diagnostics_period"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"parameter {name}={getattr(self, name)} must be > 0 seconds")
+        if not self.frame_wait >= 0:
+            raise ValueError(f"parameter frame_wait={self.frame_wait} must be >= 0 seconds")
         for name in ("frame_buffer", "queue_size", "max_new_tokens", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parameter {name}={getattr(self, name)} must be >= 1")
@@ -158,6 +161,7 @@ def _node_class():
                 self.get_logger().warning(f"backend '{p.backend}' unavailable ({predictor.backend.fallback_reason}); "
                                           "running the vision and mask parts on ONNX Runtime")
             self.service = GroundingService(predictor, max_image_age=p.max_image_age, frame_buffer=p.frame_buffer,
+                                            frame_wait=p.frame_wait,
                                             queue_size=p.queue_size, default_mode=p.mode,
                                             max_new_tokens=p.max_new_tokens, masks=True)
             self._text_ids = 0

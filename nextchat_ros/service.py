@@ -120,15 +120,20 @@ def object_position(mask: np.ndarray, depth: np.ndarray, intrinsics) -> tuple[fl
 class GroundingService:
     def __init__(self, predictor: NextChatPredictor, *, max_image_age: float = 2.0, frame_buffer: int = 8,
                  queue_size: int = 8, default_mode: str = "auto", max_new_tokens: int = 48, masks: bool = True,
-                 clock: Callable[[], float] = time.monotonic):
+                 frame_wait: float = 0.5, clock: Callable[[], float] = time.monotonic):
         self.predictor = predictor
         self.max_image_age = max_image_age
+        # A query may name a frame that is still on its way (a large image travels
+        # slower than a small query): wait up to this long, from the query's
+        # arrival, for a stamp newer than any buffered one before refusing.
+        self.frame_wait = frame_wait
         self.default_mode = default_mode
         self.max_new_tokens = max_new_tokens
         self.masks = masks
         self.clock = clock
         self._frames: deque[Frame] = deque(maxlen=frame_buffer)
         self._frames_lock = threading.Lock()
+        self._frame_added = threading.Condition(self._frames_lock)
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=queue_size)
         self._encoded_key: int | None = None
         self.counts = {"frames": 0, "queries": 0, "ok": 0, "refused": 0, "errors": 0}
@@ -140,8 +145,9 @@ class GroundingService:
     def add_frame(self, frame: Frame) -> None:
         if frame.received is None:
             frame.received = self.clock()
-        with self._frames_lock:
+        with self._frame_added:
             self._frames.append(frame)
+            self._frame_added.notify_all()
         self.counts["frames"] += 1
 
     def submit(self, request: Request) -> bool:
@@ -157,6 +163,16 @@ class GroundingService:
             self._finish(Outcome(request, Status.OVERLOADED,
                                  f"the node is busy: {self._queue.maxsize} queries are waiting; ask again later"))
             return False
+
+    def process(self, request: Request) -> Outcome:
+        """Answer one request now, in the caller's thread (offline evaluation; not
+        to be mixed with ``submit`` on the same service)."""
+        if request.received is None:
+            request.received = self.clock()
+        self.counts["queries"] += 1
+        outcome = self._answer(request)
+        self._finish(outcome)
+        return outcome
 
     @property
     def queue_depth(self) -> int:
@@ -180,12 +196,14 @@ class GroundingService:
             request = self._queue.get()
             if request is None:
                 return
-            try:
-                outcome = self._handle(request)
-            except Exception as exc:  # the node keeps serving whatever happens to one query
-                log.exception("query %s failed", request.query_id)
-                outcome = Outcome(request, Status.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
-            self._finish(outcome)
+            self._finish(self._answer(request))
+
+    def _answer(self, request: Request) -> Outcome:
+        try:
+            return self._handle(request)
+        except Exception as exc:  # the node keeps serving whatever happens to one query
+            log.exception("query %s failed", request.query_id)
+            return Outcome(request, Status.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
 
     def _finish(self, outcome: Outcome) -> None:
         request = outcome.request
@@ -204,7 +222,12 @@ class GroundingService:
     def _pick_frame(self, request: Request) -> tuple[Frame | None, Outcome | None]:
         if request.frame is not None:
             return request.frame, None
-        with self._frames_lock:
+        with self._frame_added:
+            if request.stamp_ns:
+                # The budget is measured on the service's clock, the waiting in real time.
+                end = time.monotonic() + max(0.0, self.frame_wait - (self.clock() - request.received))
+                while not any(f.stamp_ns >= request.stamp_ns for f in self._frames) and time.monotonic() < end:
+                    self._frame_added.wait(end - time.monotonic())
             frames = list(self._frames)
         if not frames:
             return None, Outcome(request, Status.NO_IMAGE, "no camera image has arrived yet")

@@ -39,7 +39,26 @@ def test_safetensors_round_trip(tiny_model, saved_tiny, scene):
     assert_same_outputs(outputs(tiny_model, scene.image), outputs(loaded, scene.image))
 
 
-def test_released_layout_loads_and_gives_identical_outputs(tiny_model, tmp_path, scene):
+@pytest.fixture(scope="module")
+def released_shaped_tiny():
+    """The tiny preset without its two additions the released model lacks (a conv
+    patch stem and a position embedding on the image tokens)."""
+    from nextchat_ros.model import build_model
+    from nextchat_ros.model.config import get_preset
+
+    config = get_preset("tiny")
+    config.image_position_scale = 0.0
+    config.vision.patch_stem = "linear"
+    return build_model(config, seed=0).eval()
+
+
+def test_released_layout_refuses_tiny_only_parts(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match=r"no place for this model's image_position_scale > 0 and vision\.patch_stem"):
+        save_released_layout(tiny_model, tmp_path / "ckpt", tmp_path / "clip")
+
+
+def test_released_layout_loads_and_gives_identical_outputs(released_shaped_tiny, tmp_path, scene):
+    tiny_model = released_shaped_tiny
     ckpt, clip = tmp_path / "nextchat-tiny", tmp_path / "clip"
     save_released_layout(tiny_model, ckpt, clip, max_shard_bytes=4 * 1024**2)
     shards = sorted(ckpt.glob("pytorch_model-*.bin"))
@@ -104,17 +123,17 @@ class Exploit:
         return (print, ("this must never run",))
 
 
-def test_released_loader_refuses_pickled_code(tiny_model, tmp_path, capsys):
+def test_released_loader_refuses_pickled_code(released_shaped_tiny, tmp_path, capsys):
     ckpt, clip = tmp_path / "evil", tmp_path / "clip"
-    save_released_layout(tiny_model, ckpt, clip)
+    save_released_layout(released_shaped_tiny, ckpt, clip)
     shard = next(ckpt.glob("pytorch_model-*.bin"))
     torch.save({"loc_decoder.0.weight": Exploit()}, shard)
     with pytest.raises(ModelFileError, match=shard.name):
-        load_released(ckpt, clip, base=tiny_model.config)
+        load_released(ckpt, clip, base=released_shaped_tiny.config)
     with open(shard, "wb") as f:
         pickle.dump({"loc_decoder.0.weight": Exploit()}, f)
     with pytest.raises(ModelFileError, match="not weights-only"):
-        load_released(ckpt, clip, base=tiny_model.config)
+        load_released(ckpt, clip, base=released_shaped_tiny.config)
     assert "must never run" not in capsys.readouterr().out
     with pytest.raises(ModelFileError, match="CLIP vision tower not found"):
-        load_released(ckpt, tmp_path / "no-clip", base=tiny_model.config)
+        load_released(ckpt, tmp_path / "no-clip", base=released_shaped_tiny.config)

@@ -112,3 +112,28 @@ def test_config_round_trip_and_registry(tmp_path):
     (tmp_path / "bad.json").write_text('{"vision": {"image_size": 224, "colour": 1}}')
     with pytest.raises(ValueError, match="colour"):
         NextChatConfig.load(tmp_path / "bad.json")
+
+
+def test_grounding_attention_recomputes_the_llms_own_attention(scene):
+    """The auxiliary loss supervises exactly the attention the LLM computes: head 0
+    of the last layer, from a trigger, equals transformers' own eager attention."""
+    from nextchat_ros.model import build_model
+    from nextchat_ros.model.nextchat import capture_layer_input, last_layer_head0_attention, patch_coverage
+    from nextchat_ros.model.vision import preprocess_image
+
+    model = build_model("tiny", seed=3).eval()
+    model.llm.config._attn_implementation = "eager"
+    example = model.prompt.training_example("where is the red cube?", "Answer: [0] .", [], [[0.1, 0.2, 0.4, 0.5]])
+    ids = torch.tensor([example.input_ids])
+    pixels = preprocess_image(torch.from_numpy(scene.image.copy()), model.config.vision)[None]
+    captured = {}
+    model.llm.model.layers[-1].register_forward_pre_hook(capture_layer_input(captured), with_kwargs=True)
+    with torch.no_grad():
+        emb = model.embed(ids, model.encode_image(pixels), model.box_encoder(torch.tensor(example.loc_boxes)))
+        out = model.llm.model(inputs_embeds=emb, output_attentions=True)
+        trigger = (ids[0] == model.tokenizer.trigger_id).nonzero()[0]
+        ours = last_layer_head0_attention(model, captured["h"], torch.tensor([0]), trigger)
+    torch.testing.assert_close(ours[0], out.attentions[-1][0, 0, int(trigger)].float(), atol=1e-5, rtol=1e-4)
+    cover = patch_coverage(torch.tensor([[0.0, 0.0, 0.25, 0.15], [0.5, 0.5, 0.52, 0.52]]), 10).view(2, 10, 10)
+    assert cover[0, 0, :3].all() and cover[0, 1, :2].all() and not cover[0, 1, 2] and cover[0].sum() == 5
+    assert cover[1].sum() == 1 and cover[1, 5, 5]  # a tiny box still marks the patch under its centre

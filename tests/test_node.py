@@ -204,7 +204,8 @@ def _shipped_rec_acc() -> str:
                    f"(model card: {_shipped_rec_acc()}); see issue 4. Remove this mark when it passes.")
 def test_shipped_model_grounds_held_out_scenes_over_ros(tmp_path):
     from nextchat_training.data import SyntheticTabletop
-    from nextchat_training.evaluate import box_iou
+
+    from nextchat_ros.scoring import box_iou
 
     ns = f"/nextchat_shipped_{os.getpid()}"
     process = subprocess.Popen([sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={ns}",

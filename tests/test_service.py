@@ -76,6 +76,21 @@ def test_queries_can_name_a_buffered_frame(service, scene):
     assert "no frame with stamp" in out["gone"][0].error
 
 
+def test_a_query_waits_briefly_for_the_frame_it_names(service, scene):
+    """A large image can arrive after the small query that names it: the query waits
+    up to frame_wait for a stamp newer than any buffered one, then gives up."""
+    service.add_frame(Frame(scene.image, 10, received=service.clock()))
+    threading.Timer(0.2, lambda: service.add_frame(Frame(scene.image, 20, received=service.clock()))).start()
+    started = time.monotonic()
+    out = collect(service, [Request("late", "where is the cube?", stamp_ns=20)])
+    assert out["late"][0].status == Status.OK and out["late"][0].frame.stamp_ns == 20
+    assert 0.15 < time.monotonic() - started < service.frame_wait + 0.5
+    started = time.monotonic()
+    out = collect(service, [Request("never", "where is the cube?", stamp_ns=30)])
+    assert out["never"][0].status == Status.STALE_IMAGE
+    assert service.frame_wait - 0.05 < time.monotonic() - started < service.frame_wait + 1.0
+
+
 def test_overload_is_refused_at_once_and_every_query_gets_exactly_one_outcome(tiny_model, scene):
     service = GroundingService(NextChatPredictor(tiny_model), queue_size=2)
     service.add_frame(Frame(scene.image, 1))

@@ -139,6 +139,12 @@ def save_released_layout(model: NextChatModel, directory: str | Path, clip_direc
     """Write ``model`` the way the released checkpoint is laid out (used to test the
     released-layout loader with a tiny model; also handy to hand a model to the
     official code)."""
+    extras = [name for name, used in (("image_position_scale > 0", model.config.image_position_scale > 0),
+                                      ("vision.patch_stem 'conv'", model.config.vision.patch_stem != "linear"))
+              if used]
+    if extras:
+        raise ValueError(f"the released layout has no place for this model's {' and '.join(extras)} "
+                         "(tiny-preset additions); build the model without them to write that layout")
     directory, clip_directory = Path(directory), Path(clip_directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {}

@@ -46,6 +46,9 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     # Features are taken from this hidden-state index (LLaVA: -2), CLS dropped.
     select_layer: int = -2
+    # How patches become tokens: "linear" (CLIP's one strided convolution) or
+    # "conv" (a stack of 3x3 stride-2 convolutions, vision.ConvStem).
+    patch_stem: str = "linear"
     # Images are padded to a square (centred) with this RGB fill before resizing.
     pad_fill: tuple[int, int, int] = (255, 255, 255)
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -118,6 +121,11 @@ class LossConfig:
     # Training only: SAM is prompted with ground-truth boxes jittered by this
     # fraction of their size, since at inference the box comes from the decoder.
     mask_box_jitter: float = 0.0
+    # Training only (0 = off, as released): weight of the grounding-attention loss
+    # (nextchat.grounding_attention_loss), which teaches one attention head of the
+    # LLM's last layer to look, from each trigger and location token, at the image
+    # patches its box covers.
+    grounding_attention: float = 0.0
 
 
 @dataclass
@@ -132,6 +140,9 @@ class NextChatConfig:
     box_head_hidden: int = 2048
     # Number of prompt tokens the segmentation MLP makes (released: 4).
     seg_prompt_tokens: int = 4
+    # Amplitude of a learned 2D sin-cos position embedding added to the image
+    # tokens after the projector (heads.ImagePositionEmbedding); 0 = none (released).
+    image_position_scale: float = 0.0
     # Conversation template.
     system_prompt: str = (
         "A chat between a curious user and an artificial intelligence assistant. "
@@ -205,7 +216,7 @@ def tiny_config() -> NextChatConfig:
         vision=VisionConfig(
             image_size=160, patch_size=16, hidden_size=128, intermediate_size=512,
             num_hidden_layers=4, num_attention_heads=4, hidden_act="quick_gelu",
-            select_layer=-2, pad_fill=(255, 255, 255),
+            select_layer=-2, pad_fill=(255, 255, 255), patch_stem="conv",
         ),
         llm=LLMConfig(
             vocab_size=0,  # set from the tokenizer when the model is built
@@ -219,6 +230,8 @@ def tiny_config() -> NextChatConfig:
             prompt_embed_dim=128, decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=4,
         ),
         box_head_hidden=256,
+        image_position_scale=0.5,
+        loss=LossConfig(grounding_attention=1.0),
         system_prompt="A robot asks about its camera image.",
         max_query_tokens=128,
     )

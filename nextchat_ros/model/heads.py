@@ -57,3 +57,26 @@ class SegPromptMLP(nn.Sequential):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return super().forward(hidden).view(*hidden.shape[:-1], self.num_tokens, self.prompt_dim)
+
+
+class ImagePositionEmbedding(nn.Module):
+    """A learned 2D position embedding added to the image tokens in LLM space,
+    initialised with sin-cos values (tiny preset only; not part of the released
+    model, whose pretrained CLIP features already carry their position).
+
+    Why: a vision tower trained from scratch for minutes keeps its patches'
+    positions only loosely (a linear probe reads them back to within ~1.4
+    patches), and pixel2emb decodes a box from whatever the trigger's attention
+    gathers from the image tokens. With the position in every image token, the
+    gathered value carries where the object is, and a location token's
+    embedding can be matched to the patches it covers.
+    """
+
+    def __init__(self, grid: int, llm_dim: int, scale: float):
+        super().__init__()
+        from .vision import sincos_2d
+
+        self.weight = nn.Parameter(sincos_2d(grid, llm_dim) * scale)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return image_embeds + self.weight.to(image_embeds.dtype)

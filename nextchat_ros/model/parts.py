@@ -5,7 +5,7 @@ graphs exported from exactly these modules), so every backend computes the same
 function:
 
 - ``VisionPart``     : pixels (B, 3, S, S) -> image token embeddings (B, N, D)
-                       (vision tower + projector)
+                       (vision tower + projector [+ image position])
 - ``SamEncoderPart`` : SAM pixels (B, 3, S', S') -> image embedding (B, C, h, w)
 - ``MaskPart``       : image embedding (1, C, h, w), boxes (N, 4) normalised xyxy,
                        trigger hidden states (N, D) -> low-res mask logits
@@ -23,9 +23,11 @@ class VisionPart(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.vision_tower, self.projector = model.vision_tower, model.projector
+        self.image_position = model.image_position
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.vision_tower(pixel_values))
+        embeds = self.projector(self.vision_tower(pixel_values))
+        return self.image_position(embeds) if self.image_position is not None else embeds
 
 
 class SamEncoderPart(nn.Module):

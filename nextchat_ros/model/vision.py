@@ -6,6 +6,8 @@ Features are ``hidden_states[select_layer]`` of a transformers
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,11 +46,66 @@ def preprocess_image(image: torch.Tensor, config: VisionConfig) -> torch.Tensor:
     return (x - mean) / std
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) 2D sin-cos position table in row-major patch order.
+
+    A quarter of the channels each holds sin(x), cos(x), sin(y), cos(y) at
+    wavelengths spread geometrically from 2 patches to 4 grids. (MAE's 10000**k
+    spacing is made for long sequences: on a 10x10 grid most of its channels are
+    almost constant and the position is hard to read back.) Channels beyond
+    4 * (dim // 4) are zero.
+    """
+    quarter = dim // 4
+    ratio = (2.0 * grid) ** (torch.arange(quarter, dtype=torch.float32) / max(1, quarter - 1))
+    omega = 2 * torch.pi / (2.0 * ratio)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    parts = []
+    for coord in (xs.flatten() + 0.5, ys.flatten() + 0.5):
+        angles = coord[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
+
+
+class ConvStem(nn.Sequential):
+    """Patches -> tokens through log2(patch_size) 3x3 stride-2 convolutions, a
+    drop-in for CLIP's single strided patch convolution (tiny preset only).
+
+    Why: a ViT trained from scratch for minutes with a linear patch embedding
+    learns colour but hardly shape (a linear probe on an object's pooled patches
+    got its colour right 97 % of the time, its kind -- of six -- 46 %), and
+    queries name kinds. With this stem the same 400-step vision stage gave 62 %.
+    Early convolutions are the known cure for ViTs' slow, data-hungry start
+    (Xiao et al., "Early Convolutions Help Transformers See Better", 2021).
+    """
+
+    def __init__(self, patch_size: int, hidden_size: int):
+        steps = int(math.log2(patch_size))
+        if 2 ** steps != patch_size:
+            raise ValueError(f"a conv patch stem needs a power-of-two patch size, not {patch_size}")
+        widths = [3] + [max(32, hidden_size >> (steps - 1 - k)) for k in range(steps - 1)] + [hidden_size]
+        layers: list[nn.Module] = []
+        for k in range(steps):
+            layers.append(nn.Conv2d(widths[k], widths[k + 1], 3, stride=2, padding=1))
+            if k < steps - 1:
+                layers.append(nn.GELU())
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:  # CLIP's embeddings read the patch embedding's dtype from here
+        return self[0].weight
+
+
 class VisionTower(nn.Module):
     def __init__(self, config: VisionConfig, clip: CLIPVisionModel | None = None):
         super().__init__()
         self.config = config
         self.clip = clip if clip is not None else CLIPVisionModel(self.clip_config(config))
+        if config.patch_stem == "conv":
+            self.clip.embeddings.patch_embedding = ConvStem(config.patch_size, config.hidden_size)
+        elif config.patch_stem != "linear":
+            raise ValueError(f"unknown patch_stem '{config.patch_stem}'; use 'linear' or 'conv'")
 
     @staticmethod
     def clip_config(config: VisionConfig) -> CLIPVisionConfig:
@@ -68,22 +125,12 @@ class VisionTower(nn.Module):
     @torch.no_grad()
     def init_2d_position_embedding(self) -> None:
         """Initialise the patch position embeddings with 2D sin-cos values (as MAE
-        does), scaled like the patch embeddings. Only for towers trained from
+        does, see :func:`sincos_2d`). Only for towers trained from
         scratch: a random 0.02-std init leaves the position signal so weak that
         learning to localise objects takes far longer."""
         emb = self.clip.embeddings
         grid = self.config.image_size // self.config.patch_size
-        dim = emb.position_embedding.weight.shape[1]
-        quarter = dim // 4
-        omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-        ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                                indexing="ij")
-        parts = []
-        for coord in (xs.flatten(), ys.flatten()):
-            angles = coord[:, None] * omega[None]
-            parts += [angles.sin(), angles.cos()]
-        table = torch.cat(parts, dim=1)
-        table = torch.nn.functional.pad(table, (0, dim - table.shape[1]))
+        table = sincos_2d(grid, emb.position_embedding.weight.shape[1])
         weight = emb.position_embedding.weight
         weight[1:] = table.to(weight.dtype)
         weight[0] = 0  # the CLS position

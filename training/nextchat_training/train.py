@@ -48,7 +48,9 @@ from .data import SyntheticTabletop
 from .evaluate import evaluate, format_metrics
 from .formats import read_coco_instances, read_jsonl
 
-MODULES = ("vision_tower", "projector", "llm", "box_decoder", "box_encoder", "seg_prompt_mlp",
+# Loss terms logged to metrics.csv (a stage logs those its loss has).
+LOSS_TERMS = ("loss", "lm", "box", "cycle", "mask", "attention")
+MODULES = ("vision_tower", "projector", "image_position", "llm", "box_decoder", "box_encoder", "seg_prompt_mlp",
            "sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder")
 
 
@@ -139,7 +141,9 @@ def apply_freeze_schedule(model: NextChatModel, trainable: list[str]) -> list[to
     model.requires_grad_(False)
     params = []
     for name in trainable:
-        module = model.get_submodule(name)
+        module = getattr(model, name, None) if "." not in name else model.get_submodule(name)
+        if module is None:  # an optional module this model does not have (image_position)
+            continue
         module.requires_grad_(True)
         params += list(module.parameters())
     return params
@@ -224,7 +228,10 @@ class VisionItems(Dataset):
         owner = owner.long()
         return {"pixels": preprocess_image(torch.from_numpy(scene.image.copy()), self.config),
                 "color": torch.where(has, colors[owner], 0), "kind": torch.where(has, kinds[owner], 0),
-                "box": boxes[owner], "has": has}
+                "box": boxes[owner], "has": has,
+                # per object: its share of each patch, normalised to sum to 1 (attention-like pooling)
+                "objects": (cover / cover.sum(1, keepdim=True).clamp_min(1e-6), colors[:len(scene.objects)],
+                            kinds[:len(scene.objects)])}
 
 
 class VisionHeads(torch.nn.Module):
@@ -240,7 +247,7 @@ class VisionHeads(torch.nn.Module):
 
 
 def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items) -> dict[str, torch.Tensor]:
-    batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0]}
+    batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0] if k != "objects"}
     features = model.vision_tower(batch["pixels"])  # (B, g*g, C)
     ce = torch.nn.functional.cross_entropy
     loss = ce(heads.color(features).flatten(0, 1), batch["color"].flatten())
@@ -248,6 +255,19 @@ def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items) -> dict[s
     has = batch["has"]
     if has.any():
         loss = loss + 5 * torch.nn.functional.l1_loss(heads.box(features)[has], batch["box"][has])
+    # Each object's colour and kind from its patches pooled by coverage, through the
+    # same heads: what the LLM's attention over an object's patches will read.
+    pooled, colors, kinds = [], [], []
+    for b, item in enumerate(items):
+        cover, color, kind = item["objects"]
+        if len(cover):
+            pooled.append(cover.to(features.device, features.dtype) @ features[b])
+            colors.append(color)
+            kinds.append(kind)
+    if pooled:
+        pooled = torch.cat(pooled)
+        loss = loss + ce(heads.color(pooled), torch.cat(colors).to(model.device))
+        loss = loss + ce(heads.kind(pooled), torch.cat(kinds).to(model.device))
     return {"loss": loss, "box": loss}
 
 
@@ -356,7 +376,7 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
         log_file = open(log_path, "w" if new else "a", newline="")  # noqa: SIM115 (closed below)
         writer = csv.writer(log_file)
         if new:
-            writer.writerow(["step", "lr", "loss", "lm", "box", "cycle", "mask", "samples_per_s", "eval"])
+            writer.writerow(["step", "lr", *LOSS_TERMS, "samples_per_s", "eval"])
     end = min(stage.steps, max_steps) if max_steps else stage.steps
     bar = tqdm(total=stage.steps, initial=step, desc=f"{stage.name}", disable=not progress or rank != 0,
                unit="step", dynamic_ncols=True)
@@ -376,7 +396,7 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
                 else:
                     losses = ddp_model(batch)
             (losses["loss"] / stage.grad_accum).backward()
-            for k in ("loss", "lm", "box", "cycle", "mask"):
+            for k in LOSS_TERMS:
                 if k in losses:
                     running[k] = running.get(k, 0.0) + losses[k].item() / stage.grad_accum
             samples += stage.batch_size * world
@@ -400,7 +420,7 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
                 eval_text = f"rec_acc@0.5={metrics['rec_acc@0.5']:.3f}"
                 bar.write(f"[{stage.name} step {step}] held-out {eval_text}")
             if writer:
-                terms = [f"{mean[k]:.5f}" if k in mean else "" for k in ("loss", "lm", "box", "cycle", "mask")]
+                terms = [f"{mean[k]:.5f}" if k in mean else "" for k in LOSS_TERMS]
                 writer.writerow([step, f"{scheduler.get_last_lr()[0]:.3e}", *terms, f"{rate:.1f}", eval_text])
                 log_file.flush()
         running = {}
@@ -437,9 +457,12 @@ def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = No
         stage = StageConfig.load(Path(stage_path))
         stage_dir = out / stage.name
         final = stage_dir / "model"
+        wall = stage_dir / "wall_seconds.txt"  # so a run resumed after this stage still reports its time
         if (final / "model.safetensors").is_file():
             loaded = load_pretrained(final).to(device_t)
             model.load_state_dict(loaded.state_dict())
+            if wall.is_file():
+                timings[stage.name] = float(wall.read_text())
             continue
         ts = time.perf_counter()
         model = train_stage(model, stage, stage_dir, seed=config.seed, max_steps=max_steps, progress=progress)
@@ -448,11 +471,13 @@ def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = No
             return stage_dir  # stopped early on purpose
         if rank == 0:
             save_pretrained(model, final)
+            wall.write_text(f"{timings[stage.name]:.1f}\n")
     final_dir = out / "final"
     if rank == 0:
         save_pretrained(model, final_dir)
         report = {"config": str(config_path), "stages": [asdict(StageConfig.load(Path(s))) for s in config.stages],
-                  "train_seconds": timings, "total_seconds": time.perf_counter() - t0,
+                  "train_seconds": timings, "total_seconds": sum(timings.values()),
+                  "this_invocation_seconds": time.perf_counter() - t0,
                   "torch_threads": torch.get_num_threads(), "device": device}
         if final_eval and config.final_eval_samples:
             metrics = evaluate(model, "heldout", config.final_eval_samples, progress=progress)

@@ -1,0 +1,380 @@
+"""Replay an evaluation bag through the live node (or straight through the
+predictor with ``offline``) and collect one record per query.
+
+Live: frames, camera_info and queries are published with the bag's own timing
+(scaled by ``rate``) as the bag's CDR bytes, unchanged, into the node's topics;
+the node's results are matched to queries by id (plain-text queries by text, in
+order), written to an output bag, and timed from query publish to result
+receipt. Offline: the same messages, in the same order, go through the same
+``GroundingService`` the node runs, in this process and one query at a time, so
+live minus offline latency is what the transport and the node's threads cost.
+
+A bag that breaks part way stops the replay there; everything scored until then
+is kept and the error is reported with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..scoring import Prediction, Truth
+from .io import BagError, BagInfo, BagWriter, bag_info, deserialize, read_messages
+from .record import CAMERA_INFO_TYPE, IMAGE_TYPE, QUERY_TYPE, RESULT_TYPE, STRING_TYPE, TRUTH_TYPE, truth_from_message
+
+
+@dataclass
+class QueryRecord:
+    """One query of the bag and what became of it."""
+
+    key: str  # query id (structured) or "text:<n>" (plain text)
+    text: str
+    regions: list  # pixel xyxy
+    image_stamp_ns: int
+    bag_time_ns: int
+    truth: Truth | None = None
+    frame: bytes | None = None  # CDR of the image the query is about (for overlays)
+    published: float | None = None  # time.monotonic() at publish (live)
+    latency_ms: float | None = None  # publish -> result receipt (live); compute time (offline)
+    status: int | None = None  # None = no result (dropped)
+    error: str = ""
+    prediction: Prediction | None = None
+    result_stamp_ns: int = 0
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    score: dict[str, float] = field(default_factory=dict)  # this answer's own figures (iou, correct, ...)
+
+
+@dataclass
+class Topics:
+    """Which bag topics feed the node."""
+
+    image: str
+    camera_info: str | None
+    query: str | None  # nextchat_ros/msg/Query
+    text_query: str | None  # std_msgs/msg/String
+    truth: str | None
+
+    @classmethod
+    def detect(cls, info: BagInfo, image: str | None = None, query: str | None = None) -> Topics:
+        def one(msgtype: str, chosen: str | None, what: str, required: bool) -> str | None:
+            if chosen is not None:
+                if chosen not in info.topics:
+                    raise BagError(f"the bag has no topic '{chosen}'; it has {sorted(info.topics)}")
+                if info.topics[chosen] != msgtype:
+                    if required:
+                        raise BagError(f"'{chosen}' carries {info.topics[chosen]}; the {what} topic must be "
+                                       f"{msgtype}")
+                    return None
+                return chosen
+            found = info.topics_of(msgtype)
+            if len(found) > 1:
+                raise BagError(f"the bag has several {what} topics {found}; choose one with --{what}-topic")
+            if not found and required:
+                raise BagError(f"the bag has no {msgtype} topic ({what}); it has "
+                               + ", ".join(f"{t} [{m}]" for t, m in sorted(info.topics.items())))
+            return found[0] if found else None
+
+        image_topic = one(IMAGE_TYPE, image, "image", True)
+        # camera_info: the one beside the image topic (a robot bag may hold several cameras)
+        infos = info.topics_of(CAMERA_INFO_TYPE)
+        beside = [t for t in infos if t.rsplit("/", 1)[0] == image_topic.rsplit("/", 1)[0]]
+        camera_info = beside[0] if beside else (infos[0] if len(infos) == 1 else None)
+        topics = cls(image=image_topic, camera_info=camera_info,
+                     query=one(QUERY_TYPE, query, "query", False),
+                     text_query=one(STRING_TYPE, query, "query", False),
+                     truth=one(TRUTH_TYPE, None, "truth", False))
+        if topics.query is None and topics.text_query is None:
+            raise BagError(f"the bag has no queries: no {QUERY_TYPE} or {STRING_TYPE} topic"
+                           + (f" named '{query}'" if query else ""))
+        return topics
+
+    def inputs(self) -> list[str]:
+        return [t for t in (self.image, self.camera_info, self.query, self.text_query, self.truth) if t]
+
+
+@dataclass
+class ReplayResult:
+    mode: str  # live | offline
+    records: list[QueryRecord]
+    bag: str
+    error: str = ""  # why the replay stopped early, if it did
+    wall_s: float = 0.0
+    frames: int = 0
+    output_bag: str | None = None
+
+
+def _stamp_ns(t) -> int:
+    return int(t.sec) * 1_000_000_000 + int(t.nanosec)
+
+
+class _Collector:
+    """Pairs queries with their truth and frame while the bag is read."""
+
+    def __init__(self, topics: Topics, frame_buffer: int = 64):
+        self.topics = topics
+        self.records: OrderedDict[str, QueryRecord] = OrderedDict()
+        self.truth: dict[str, Truth] = {}
+        self.frames: deque[tuple[int, bytes]] = deque(maxlen=frame_buffer)
+        self.text_count = 0
+        self.frame_count = 0
+
+    def add(self, message) -> QueryRecord | None:
+        """Take one bag message; returns the new QueryRecord when it is a query."""
+        topic = message.topic
+        if topic == self.topics.image:
+            self.frame_count += 1
+            self.frames.append((self._image_stamp(message.data), message.data))
+            return None
+        if topic == self.topics.truth:
+            msg = deserialize(message.data, TRUTH_TYPE)
+            truth = truth_from_message(msg)
+            if msg.query_id in self.records:
+                self.records[msg.query_id].truth = truth
+            else:
+                self.truth[msg.query_id] = truth
+            return None
+        if topic == self.topics.query:
+            msg = deserialize(message.data, QUERY_TYPE)
+            regions = [[r.x_offset, r.y_offset, r.x_offset + r.width, r.y_offset + r.height] for r in msg.regions]
+            record = QueryRecord(msg.id, msg.text, regions, _stamp_ns(msg.image_stamp), message.time_ns)
+        elif topic == self.topics.text_query:
+            msg = deserialize(message.data, STRING_TYPE)
+            self.text_count += 1
+            record = QueryRecord(f"text:{self.text_count}", msg.data, [], 0, message.time_ns)
+        else:
+            return None
+        if record.key in self.records:
+            raise BagError(f"query id '{record.key}' appears twice in the bag; ids must be unique to match results")
+        record.truth = self.truth.pop(record.key, None)
+        record.frame = self._frame_for(record.image_stamp_ns)
+        self.records[record.key] = record
+        return record
+
+    @staticmethod
+    def _image_stamp(data: bytes) -> int:
+        return _stamp_ns(deserialize(data, IMAGE_TYPE).header.stamp)
+
+    def _frame_for(self, stamp_ns: int) -> bytes | None:
+        if not self.frames:
+            return None
+        if stamp_ns == 0:
+            return self.frames[-1][1]
+        return next((data for stamp, data in reversed(self.frames) if stamp == stamp_ns), None)
+
+    def finish(self) -> list[QueryRecord]:
+        for key, truth in self.truth.items():  # truth whose query came later (or never)
+            if key in self.records:
+                self.records[key].truth = truth
+        return list(self.records.values())
+
+
+def _prediction_from_result(msg) -> Prediction:
+    boxes, masks = [], []
+    for o in msg.objects:
+        boxes.append([o.center_x - o.size_x / 2, o.center_y - o.size_y / 2,
+                      o.center_x + o.size_x / 2, o.center_y + o.size_y / 2])
+        m = o.mask
+        masks.append(np.asarray(m.data, np.uint8).reshape(m.height, m.step)[:, :m.width] > 0
+                     if m.width and m.height else None)
+    return Prediction(msg.answer, boxes, masks if all(m is not None for m in masks) else None)
+
+
+# --- offline ---------------------------------------------------------------------------
+
+def replay_offline(bag: str | Path, predictor, *, image_topic: str | None = None, query_topic: str | None = None,
+                   max_new_tokens: int = 48, progress: bool = True) -> ReplayResult:
+    """Score the bag's queries straight through the predictor (no ROS, no timing)."""
+    from ..ros_images import image_msg_to_rgb
+    from ..service import Frame, GroundingService, Request
+
+    info = bag_info(bag)
+    topics = Topics.detect(info, image_topic, query_topic)
+    collector = _Collector(topics)
+    service = GroundingService(predictor, max_image_age=float("inf"), frame_buffer=64, queue_size=1,
+                               max_new_tokens=max_new_tokens, masks=True)
+    error = ""
+    t0 = time.perf_counter()
+    total = sum(info.counts.get(t, 0) for t in topics.inputs())
+    try:
+        with tqdm(total=total, desc="offline", unit="msg", disable=not progress) as bar:
+            for message in read_messages(bag, topics.inputs()):
+                bar.update()
+                if message.topic == topics.image:
+                    msg = deserialize(message.data, IMAGE_TYPE)
+                    try:
+                        frame = Frame(image_msg_to_rgb(msg), _stamp_ns(msg.header.stamp), msg.header.frame_id)
+                    except Exception as exc:  # the node answers such frames with BAD_IMAGE too
+                        frame = Frame(None, _stamp_ns(msg.header.stamp), msg.header.frame_id, error=str(exc))
+                    service.add_frame(frame)
+                record = collector.add(message)
+                if record is None:
+                    continue
+                outcome = service.process(Request(record.key, record.text, record.regions, record.image_stamp_ns))
+                record.status = int(outcome.status)
+                record.error = outcome.error
+                record.latency_ms = outcome.timings_ms.get("total_ms")
+                record.stage_ms = {k: v for k, v in outcome.timings_ms.items() if k != "total_ms"}
+                record.result_stamp_ns = outcome.frame.stamp_ns if outcome.frame is not None else 0
+                record.prediction = Prediction(outcome.text, [list(map(float, o.box)) for o in outcome.objects],
+                                               [o.mask for o in outcome.objects]
+                                               if all(o.mask is not None for o in outcome.objects) else None)
+    except BagError as exc:
+        error = str(exc)
+    finally:
+        service.close()
+    return ReplayResult("offline", collector.finish(), str(bag), error, time.perf_counter() - t0,
+                        collector.frame_count)
+
+
+# --- live ------------------------------------------------------------------------------
+
+def _ros_class(msgtype: str):
+    package, _, name = msgtype.split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), name)
+
+
+def start_node(namespace: str, model_dir: str | None = None, backend: str = "torch", device: str = "cpu",
+               extra_params: dict | None = None, log_path: str | Path | None = None) -> subprocess.Popen:
+    """The grounding node in its own process, as `ros2 run` would start it."""
+    params = {"backend": backend, "device": device, "max_image_age": 30.0, "frame_buffer": 16, "queue_size": 64}
+    if model_dir:
+        params["model_dir"] = str(model_dir)
+    params.update(extra_params or {})
+    args = [sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={namespace}"]
+    for key, value in params.items():
+        args += ["-p", f"{key}:={value}"]
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+
+def replay_live(bag: str | Path, namespace: str, *, rate: float = 1.0, image_topic: str | None = None,
+                query_topic: str | None = None, output_bag: str | Path | None = None, wait_s: float = 60.0,
+                ready_timeout: float = 120.0, node_process: subprocess.Popen | None = None,
+                progress: bool = True) -> ReplayResult:
+    """Publish the bag into the node under ``namespace`` and collect its results."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    from ..msg import GroundingResult
+    from ..srv import Ground
+
+    if rate <= 0:
+        raise BagError("--rate must be positive")
+    info = bag_info(bag)
+    topics = Topics.detect(info, image_topic, query_topic)
+    ns = namespace.rstrip("/")
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("nextchat_bag_eval", context=context)
+    writer = BagWriter(output_bag, "mcap") if output_bag else None
+    if writer:
+        writer.add(f"{ns}/result", RESULT_TYPE)
+    lock = threading.Lock()
+    arrived = threading.Condition(lock)
+    pending_by_text: dict[str, deque] = {}
+    collector = _Collector(topics)
+    received = 0
+
+    def on_result(data: bytes) -> None:
+        nonlocal received
+        now = time.monotonic()
+        msg = deserialize(data, RESULT_TYPE)
+        with arrived:
+            if writer:
+                writer.write(f"{ns}/result", time.time_ns(), data)
+            if msg.query_id in collector.records:
+                record = collector.records[msg.query_id]
+            else:  # a plain-text query: the oldest unanswered one with this text
+                queue = pending_by_text.get(msg.query)
+                record = queue.popleft() if queue else None
+            if record is None or record.status is not None:
+                return
+            record.status = int(msg.status)
+            record.error = msg.error
+            record.latency_ms = (now - record.published) * 1e3 if record.published else None
+            record.result_stamp_ns = _stamp_ns(msg.header.stamp)
+            record.stage_ms = {"queue_ms": msg.queue_ms, "image_encode_ms": msg.image_encode_ms,
+                               "llm_ms": msg.llm_ms, "mask_ms": msg.mask_ms, "node_total_ms": msg.total_ms}
+            record.prediction = _prediction_from_result(msg)
+            received += 1
+            arrived.notify_all()
+
+    node.create_subscription(GroundingResult, f"{ns}/result", on_result, 1000, raw=True)
+    reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    targets = {topics.image: f"{ns}/image", topics.camera_info: f"{ns}/camera_info",
+               topics.query: f"{ns}/structured_query", topics.text_query: f"{ns}/query"}
+    publishers = {src: node.create_publisher(_ros_class(info.topics[src]), dst, reliable)
+                  for src, dst in targets.items() if src}
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    error = ""
+    t0 = time.perf_counter()
+    try:
+        _wait_for_node(node, Ground, ns, publishers, ready_timeout, node_process)
+        total = sum(info.counts.get(t, 0) for t in topics.inputs())
+        start_wall = time.monotonic()
+        first_ns = None
+        try:
+            with tqdm(total=total, desc=f"replay x{rate:g}", unit="msg", disable=not progress) as bar:
+                for message in read_messages(bag, topics.inputs()):
+                    bar.update()
+                    first_ns = message.time_ns if first_ns is None else first_ns
+                    delay = start_wall + (message.time_ns - first_ns) / 1e9 / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    with lock:
+                        record = collector.add(message)
+                    publisher = publishers.get(message.topic)
+                    if publisher is None:
+                        continue  # the truth stays here
+                    if record is not None:
+                        with lock:
+                            record.published = time.monotonic()
+                            if record.key.startswith("text:"):
+                                pending_by_text.setdefault(record.text, deque()).append(record)
+                    publisher.publish(message.data)
+                    if node_process is not None and node_process.poll() is not None:
+                        raise BagError(f"the node exited with code {node_process.returncode} during the replay")
+        except BagError as exc:
+            error = str(exc)
+        deadline = time.monotonic() + wait_s
+        with arrived:
+            while received < len(collector.records) and time.monotonic() < deadline:
+                arrived.wait(deadline - time.monotonic())
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+        spinner.join(5)
+        if writer:
+            writer.close()
+    return ReplayResult("live", collector.finish(), str(bag), error, time.perf_counter() - t0,
+                        collector.frame_count, str(output_bag) if output_bag else None)
+
+
+def _wait_for_node(node, service_type, ns: str, publishers: dict, timeout: float, process) -> None:
+    client = node.create_client(service_type, f"{ns}/ground")
+    deadline = time.monotonic() + timeout
+    while not client.wait_for_service(timeout_sec=0.5):
+        if process is not None and process.poll() is not None:
+            raise BagError(f"the node exited with code {process.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise BagError(f"no grounding node answered on {ns}/ground within {timeout:.0f} s")
+    while any(p.get_subscription_count() == 0 for p in publishers.values()):
+        if time.monotonic() > deadline:
+            raise BagError(f"the node under {ns} does not subscribe to every replayed topic")
+        time.sleep(0.1)
+    time.sleep(1.0)  # discovery settles both ways before the first frame goes out
