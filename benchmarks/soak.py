@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,7 +126,8 @@ def main() -> None:
     print(f"\nqueries sent {len(sent)}: answered {len(latencies)}, refused (OVERLOADED) {refused}, "
           f"errors {errors}, lost {lost}")
     if errors:  # which errors, and one sentence of each kind
-        kinds = Counter((Status(status).name, error.split(":")[0][:80]) for _, status, error in received.values()
+        kinds = Counter((Status(status).name, re.sub(r"\d+(\.\d+)?", "N", error)[:100])
+                        for _, status, error in received.values()
                         if status not in (0, GroundingResult.STATUS_OVERLOADED))
         for (status, error), n in kinds.most_common():
             print(f"  {n:5d} x {status}: {error}")

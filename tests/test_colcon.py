@@ -98,6 +98,7 @@ def test_installed_node_reads_its_parameter_file(workspace, tmp_path, saved_tiny
     ("-p backend:=cuda-magic", "parameter backend='cuda-magic' must be one of"),
     ("-p model_dir:=/nonexistent/model", "model directory not found: /nonexistent/model"),
     ("-p queue_size:=0", "queue_size=0 must be >= 1"),
+    ("-p image_qos:=fast", "parameter image_qos='fast' must be one of"),
     ("-p backend:=onnxruntime", "no export manifest"),
 ])
 def test_bad_parameters_stop_the_node_with_a_clear_error(workspace, tmp_path, override, message):
