@@ -36,6 +36,10 @@ def median_ms(fn, args, repeats: int, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
+# part -> the backend method that runs it
+METHODS = {"vision": "vision", "sam_encoder": "sam_encoder", "mask": "masks"}
+
+
 def inputs(config, device="cpu", dtype=torch.float32, objects=3):
     s, ss, e = config.vision.image_size, config.sam.image_size, config.sam.embedding_size
     xy = torch.rand(objects, 2) * 0.5
@@ -64,7 +68,7 @@ def main() -> None:
         print(f"torch fp16 on {torch.cuda.get_device_name(0)}, preset {args.preset}")
         with torch.inference_mode():
             for part, x in inputs(model.config, args.device, torch.float16).items():
-                fn = {"vision": backend.vision, "sam_encoder": backend.sam_encoder, "mask": backend.masks}[part]
+                fn = getattr(backend, METHODS[part])
                 print(f"{part:<12}{median_ms(fn, x, args.repeats, torch.cuda.synchronize):>10.2f} ms")
         return
 
@@ -83,14 +87,9 @@ def main() -> None:
     print(f"{'part':<12}{'torch ms':>10}{'ort ms':>10}{'speed-up':>10}{'ort spin ms':>13}{'speed-up':>10}")
     with torch.inference_mode():
         for part, x in inputs(model.config).items():
-            t_fn = {"vision": torch_backend.vision, "sam_encoder": torch_backend.sam_encoder,
-                    "mask": torch_backend.masks}[part]
-            o_fn = {"vision": ort_backend.vision, "sam_encoder": ort_backend.sam_encoder,
-                    "mask": ort_backend.masks}[part]
-            s_fn = {"vision": ort_spin.vision, "sam_encoder": ort_spin.sam_encoder, "mask": ort_spin.masks}[part]
-            t_ms = median_ms(t_fn, x, args.repeats)
-            o_ms = median_ms(o_fn, x, args.repeats)
-            s_ms = median_ms(s_fn, x, args.repeats)  # last: its spinning threads would slow what follows
+            t_ms, o_ms, s_ms = (median_ms(getattr(b, METHODS[part]), x, args.repeats)
+                                # spinning last: its busy threads would slow what follows
+                                for b in (torch_backend, ort_backend, ort_spin))
             print(f"{part:<12}{t_ms:>10.2f}{o_ms:>10.2f}{t_ms / o_ms:>9.1f}x{s_ms:>13.2f}{t_ms / s_ms:>9.1f}x")
 
 

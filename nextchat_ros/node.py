@@ -100,10 +100,6 @@ def load_predictor(params: NodeParameters):
                              backend=backend)
 
 
-def _stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
 def main(argv: list[str] | None = None) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -145,7 +141,14 @@ def _node_class():
     from .errors import ImageError
     from .msg import GroundedObject, GroundingResult, Query
     from .overlay import draw_overlay
-    from .ros_images import compressed_msg_to_rgb, depth_msg_to_metres, fill_image_msg, image_msg_to_rgb
+    from .ros_images import (
+        compressed_msg_to_rgb,
+        depth_msg_to_metres,
+        fill_image_msg,
+        image_msg_to_rgb,
+        roi_to_xyxy,
+        stamp_to_ns,
+    )
     from .service import Frame, GroundingService, Request, Status
     from .srv import Ground
 
@@ -210,7 +213,7 @@ def _node_class():
 
         # --- inputs --------------------------------------------------------------------
         def _frame_from(self, msg, convert) -> Frame:
-            stamp = _stamp_ns(msg.header.stamp)
+            stamp = stamp_to_ns(msg.header.stamp)
             try:
                 image = convert(msg, self.params.max_image_pixels)
             except ImageError as exc:
@@ -236,7 +239,7 @@ def _node_class():
                 self.get_logger().warning(f"depth image ignored: {exc}", throttle_duration_sec=5.0)
                 return
             with self._lock:
-                self._depth = (_stamp_ns(msg.header.stamp), depth)
+                self._depth = (stamp_to_ns(msg.header.stamp), depth)
 
         def _on_camera_info(self, msg) -> None:
             k = list(msg.k)
@@ -250,8 +253,8 @@ def _node_class():
                                         done=self._publish))
 
         def _request_from(self, query, done, frame=None) -> Request:
-            regions = [[r.x_offset, r.y_offset, r.x_offset + r.width, r.y_offset + r.height] for r in query.regions]
-            return Request(query.id, query.text, regions, _stamp_ns(query.image_stamp), self.params.mode,
+            regions = [roi_to_xyxy(r) for r in query.regions]
+            return Request(query.id, query.text, regions, stamp_to_ns(query.image_stamp), self.params.mode,
                            frame=frame, done=done)
 
         def _on_query(self, msg) -> None:

@@ -14,7 +14,7 @@ from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
 from std_msgs.msg import String
 
 from .msg import GroundingResult, Query
-from .ros_images import fill_image_msg
+from .ros_images import fill_image_msg, mono8_mask
 from .srv import Ground
 
 
@@ -113,9 +113,7 @@ def result_objects(result: GroundingResult) -> list:
 
     objects = []
     for o in result.objects:
-        mask = None
-        if o.mask.width and o.mask.height:
-            mask = np.frombuffer(bytes(o.mask.data), np.uint8).reshape(o.mask.height, o.mask.step)[:, :o.mask.width] > 0
+        mask = mono8_mask(o.mask)
         box = (o.center_x - o.size_x / 2, o.center_y - o.size_y / 2, o.center_x + o.size_x / 2,
                o.center_y + o.size_y / 2)
         objects.append(SimpleNamespace(phrase=o.phrase, box=box, score=o.score, mask=mask))

@@ -1,7 +1,9 @@
-"""sensor_msgs/Image <-> numpy, with a clear refusal for every malformed message.
+"""sensor_msgs/Image <-> numpy, with a clear refusal for every malformed message,
+and the small conversions of other message fields (stamps, regions, masks).
 
 Works on the message's fields only (no cv_bridge, which is not available from
-PyPI), so it is tested without a ROS graph.
+PyPI), so it is tested without a ROS graph, and serves rclpy messages and the
+rosbags-deserialized messages of the bag tools alike.
 """
 
 from __future__ import annotations
@@ -109,3 +111,20 @@ def fill_image_msg(msg, array: np.ndarray, encoding: str, header=None):
     msg.step = int(array.strides[0])
     msg.data = array.tobytes()
     return msg
+
+
+def stamp_to_ns(stamp) -> int:
+    """builtin_interfaces/Time -> integer nanoseconds."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def roi_to_xyxy(roi) -> list[int]:
+    """sensor_msgs/RegionOfInterest -> pixel [x1, y1, x2, y2]."""
+    return [roi.x_offset, roi.y_offset, roi.x_offset + roi.width, roi.y_offset + roi.height]
+
+
+def mono8_mask(msg) -> np.ndarray | None:
+    """A mono8 mask image (255 inside) -> (H, W) bool, or None when it is empty."""
+    if not (msg.width and msg.height):
+        return None
+    return np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.step)[:, :msg.width] > 0

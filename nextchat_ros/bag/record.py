@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..ros_images import mono8_mask, roi_to_xyxy
 from ..scoring import Truth
 from .io import BagError, BagWriter, msg_class, serialize
 
@@ -93,11 +94,9 @@ def truth_message(truth: Truth, query_id: str, stamp_ns: int, frame_id: str):
 
 
 def truth_from_message(msg) -> Truth:
-    boxes = [[r.x_offset, r.y_offset, r.x_offset + r.width, r.y_offset + r.height] for r in msg.boxes]
-    masks = None
-    if len(msg.masks):
-        masks = [np.asarray(m.data, np.uint8).reshape(m.height, m.step)[:, :m.width] > 0 for m in msg.masks]
-    return Truth(msg.task, msg.answer, boxes, masks, dict(zip(msg.keys, msg.values, strict=False)))
+    masks = [mono8_mask(m) for m in msg.masks] or None
+    return Truth(msg.task, msg.answer, [roi_to_xyxy(r) for r in msg.boxes], masks,
+                 dict(zip(msg.keys, msg.values, strict=False)))
 
 
 def record(items: Iterable[RecordItem], out: str | Path, *, count: int | None = None, storage: str = "mcap",

@@ -25,9 +25,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
+from ..ros_images import roi_to_xyxy, stamp_to_ns
 from ..scoring import Prediction, Truth
 from .io import BagError, BagInfo, BagWriter, bag_info, deserialize, read_messages
 from .record import CAMERA_INFO_TYPE, IMAGE_TYPE, QUERY_TYPE, RESULT_TYPE, STRING_TYPE, TRUTH_TYPE, truth_from_message
@@ -113,10 +113,6 @@ class ReplayResult:
     output_bag: str | None = None
 
 
-def _stamp_ns(t) -> int:
-    return int(t.sec) * 1_000_000_000 + int(t.nanosec)
-
-
 class _Collector:
     """Pairs queries with their truth and frame while the bag is read."""
 
@@ -128,13 +124,14 @@ class _Collector:
         self.text_count = 0
         self.frame_count = 0
 
+    def add_frame(self, stamp_ns: int, data: bytes) -> None:
+        self.frame_count += 1
+        self.frames.append((stamp_ns, data))
+
     def add(self, message) -> QueryRecord | None:
-        """Take one bag message; returns the new QueryRecord when it is a query."""
+        """Take one bag message (frames go to :meth:`add_frame`); returns the new
+        QueryRecord when it is a query."""
         topic = message.topic
-        if topic == self.topics.image:
-            self.frame_count += 1
-            self.frames.append((self._image_stamp(message.data), message.data))
-            return None
         if topic == self.topics.truth:
             msg = deserialize(message.data, TRUTH_TYPE)
             truth = truth_from_message(msg)
@@ -145,8 +142,8 @@ class _Collector:
             return None
         if topic == self.topics.query:
             msg = deserialize(message.data, QUERY_TYPE)
-            regions = [[r.x_offset, r.y_offset, r.x_offset + r.width, r.y_offset + r.height] for r in msg.regions]
-            record = QueryRecord(msg.id, msg.text, regions, _stamp_ns(msg.image_stamp), message.time_ns)
+            record = QueryRecord(msg.id, msg.text, [roi_to_xyxy(r) for r in msg.regions],
+                                 stamp_to_ns(msg.image_stamp), message.time_ns)
         elif topic == self.topics.text_query:
             msg = deserialize(message.data, STRING_TYPE)
             self.text_count += 1
@@ -160,10 +157,6 @@ class _Collector:
         self.records[record.key] = record
         return record
 
-    @staticmethod
-    def _image_stamp(data: bytes) -> int:
-        return _stamp_ns(deserialize(data, IMAGE_TYPE).header.stamp)
-
     def _frame_for(self, stamp_ns: int) -> bytes | None:
         if not self.frames:
             return None
@@ -172,21 +165,7 @@ class _Collector:
         return next((data for stamp, data in reversed(self.frames) if stamp == stamp_ns), None)
 
     def finish(self) -> list[QueryRecord]:
-        for key, truth in self.truth.items():  # truth whose query came later (or never)
-            if key in self.records:
-                self.records[key].truth = truth
         return list(self.records.values())
-
-
-def _prediction_from_result(msg) -> Prediction:
-    boxes, masks = [], []
-    for o in msg.objects:
-        boxes.append([o.center_x - o.size_x / 2, o.center_y - o.size_y / 2,
-                      o.center_x + o.size_x / 2, o.center_y + o.size_y / 2])
-        m = o.mask
-        masks.append(np.asarray(m.data, np.uint8).reshape(m.height, m.step)[:, :m.width] > 0
-                     if m.width and m.height else None)
-    return Prediction(msg.answer, boxes, masks if all(m is not None for m in masks) else None)
 
 
 # --- offline ---------------------------------------------------------------------------
@@ -211,11 +190,14 @@ def replay_offline(bag: str | Path, predictor, *, image_topic: str | None = None
                 bar.update()
                 if message.topic == topics.image:
                     msg = deserialize(message.data, IMAGE_TYPE)
+                    stamp = stamp_to_ns(msg.header.stamp)
                     try:
-                        frame = Frame(image_msg_to_rgb(msg), _stamp_ns(msg.header.stamp), msg.header.frame_id)
+                        frame = Frame(image_msg_to_rgb(msg), stamp, msg.header.frame_id)
                     except Exception as exc:  # the node answers such frames with BAD_IMAGE too
-                        frame = Frame(None, _stamp_ns(msg.header.stamp), msg.header.frame_id, error=str(exc))
+                        frame = Frame(None, stamp, msg.header.frame_id, error=str(exc))
                     service.add_frame(frame)
+                    collector.add_frame(stamp, message.data)
+                    continue
                 record = collector.add(message)
                 if record is None:
                     continue
@@ -270,6 +252,7 @@ def replay_live(bag: str | Path, namespace: str, *, rate: float = 1.0, image_top
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
     from ..msg import GroundingResult
+    from ..ros_client import result_objects
     from ..srv import Ground
 
     if rate <= 0:
@@ -306,10 +289,13 @@ def replay_live(bag: str | Path, namespace: str, *, rate: float = 1.0, image_top
             record.status = int(msg.status)
             record.error = msg.error
             record.latency_ms = (now - record.published) * 1e3 if record.published else None
-            record.result_stamp_ns = _stamp_ns(msg.header.stamp)
+            record.result_stamp_ns = stamp_to_ns(msg.header.stamp)
             record.stage_ms = {"queue_ms": msg.queue_ms, "image_encode_ms": msg.image_encode_ms,
                                "llm_ms": msg.llm_ms, "mask_ms": msg.mask_ms, "node_total_ms": msg.total_ms}
-            record.prediction = _prediction_from_result(msg)
+            objects = result_objects(msg)
+            masks = [o.mask for o in objects]
+            record.prediction = Prediction(msg.answer, [list(o.box) for o in objects],
+                                           masks if all(m is not None for m in masks) else None)
             received += 1
             arrived.notify_all()
 
@@ -339,7 +325,12 @@ def replay_live(bag: str | Path, namespace: str, *, rate: float = 1.0, image_top
                     if delay > 0:
                         time.sleep(delay)
                     with lock:
-                        record = collector.add(message)
+                        if message.topic == topics.image:
+                            collector.add_frame(stamp_to_ns(deserialize(message.data, IMAGE_TYPE).header.stamp),
+                                                message.data)
+                            record = None
+                        else:
+                            record = collector.add(message)
                     publisher = publishers.get(message.topic)
                     if publisher is None:
                         continue  # the truth stays here

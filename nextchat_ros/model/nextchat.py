@@ -172,8 +172,9 @@ class NextChatModel(nn.Module):
         self.vision_tower = VisionTower(config.vision, clip)
         self.projector = Projector(config.vision.hidden_size, d_model)
         grid = config.vision.image_size // config.vision.patch_size
+        # Identity when off (the released layout): no parameters, one code path.
         self.image_position = (ImagePositionEmbedding(grid, d_model, config.image_position_scale)
-                               if config.image_position_scale > 0 else None)
+                               if config.image_position_scale > 0 else nn.Identity())
         self.llm = llm if llm is not None else LlamaForCausalLM(llama_config(config.llm))
         self.box_decoder = BoxDecoder(d_model, config.box_head_hidden)
         self.box_encoder = BoxEncoder(d_model, config.box_head_hidden)
@@ -192,8 +193,7 @@ class NextChatModel(nn.Module):
     # --- building blocks used by training and by the predictor ----------------------
     def encode_image(self, vision_pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, num_patches, llm_hidden) image token embeddings."""
-        embeds = self.projector(self.vision_tower(vision_pixels).to(self.dtype))
-        return self.image_position(embeds) if self.image_position is not None else embeds
+        return self.image_position(self.projector(self.vision_tower(vision_pixels).to(self.dtype)))
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
               loc_embeds: torch.Tensor | None = None) -> torch.Tensor:

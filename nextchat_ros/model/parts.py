@@ -26,8 +26,7 @@ class VisionPart(nn.Module):
         self.image_position = model.image_position
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        embeds = self.projector(self.vision_tower(pixel_values))
-        return self.image_position(embeds) if self.image_position is not None else embeds
+        return self.image_position(self.projector(self.vision_tower(pixel_values)))
 
 
 class SamEncoderPart(nn.Module):

@@ -141,9 +141,7 @@ def apply_freeze_schedule(model: NextChatModel, trainable: list[str]) -> list[to
     model.requires_grad_(False)
     params = []
     for name in trainable:
-        module = getattr(model, name, None) if "." not in name else model.get_submodule(name)
-        if module is None:  # an optional module this model does not have (image_position)
-            continue
+        module = model.get_submodule(name)
         module.requires_grad_(True)
         params += list(module.parameters())
     return params
