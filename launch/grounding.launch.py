@@ -8,7 +8,7 @@
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -16,7 +16,13 @@ from launch import LaunchDescription
 
 
 def generate_launch_description():
-    default_params = os.path.join(get_package_share_directory("nextchat_ros"), "config", "grounding.yaml")
+    share = get_package_share_directory("nextchat_ros")
+    default_params = os.path.join(share, "config", "grounding.yaml")
+    # Fast DDS's default 512 KB shared-memory segment loses most best-effort camera
+    # frames above it (640x480 rgb8 is 921 KB); the camera driver needs the same
+    # profile (see its comment). An explicit FASTDDS_DEFAULT_PROFILES_FILE wins.
+    default_profile = os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE",
+                                     os.path.join(share, "config", "fastdds_large_images.xml"))
     args = [
         DeclareLaunchArgument("params_file", default_value=default_params, description="parameter YAML"),
         DeclareLaunchArgument("model_dir", default_value="", description="model directory ('' = shipped model)"),
@@ -27,6 +33,8 @@ def generate_launch_description():
         DeclareLaunchArgument("image_topic", default_value="image", description="camera image topic"),
         DeclareLaunchArgument("query_topic", default_value="query", description="plain-text query topic"),
         DeclareLaunchArgument("result_topic", default_value="result", description="GroundingResult topic"),
+        DeclareLaunchArgument("fastdds_profile", default_value=default_profile,
+                              description="Fast DDS XML profile for the processes this launch starts"),
     ]
     node = Node(
         package="nextchat_ros",
@@ -49,4 +57,5 @@ def generate_launch_description():
             ("result", LaunchConfiguration("result_topic")),
         ],
     )
-    return LaunchDescription([*args, node])
+    profile = SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile"))
+    return LaunchDescription([*args, profile, node])

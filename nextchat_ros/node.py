@@ -29,6 +29,7 @@ import numpy as np
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 MODES = ("auto", "generate", "ground")
 IMAGE_QOS = ("sensor_data", "reliable")
+SERVICE_TIMEOUT_S = 120.0
 INSTRUCTION = re.compile(r"^\s*(?:please\s+)?(?:pick(?: up)?|grab|grasp|take|put|place|move|push|bring|fetch|"
                          r"hand me|go to|reach)\b", re.I)
 
@@ -102,7 +103,7 @@ def load_predictor(params: NodeParameters):
 
 def main(argv: list[str] | None = None) -> int:
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.logging import get_logger
 
     from .errors import NextChatError
@@ -115,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, NextChatError) as exc:
             get_logger("nextchat_grounding").fatal(str(exc))
             return 1
-        executor = MultiThreadedExecutor(num_threads=4)
+        # One thread is enough: callbacks only convert and enqueue (the model runs on
+        # the service's worker thread) and the service callback awaits its result.
+        # rclpy 9's MultiThreadedExecutor re-submits tasks still queued in its pool
+        # and spins without waiting meanwhile (ros2/rclpy#1452, fixed upstream in
+        # #1547): holding the GIL, it stalled the worker for seconds per query.
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -132,9 +138,10 @@ def _node_class():
     """Defined lazily so that importing this module needs no rclpy (tests, CLI)."""
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
     from geometry_msgs.msg import PointStamped
-    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+    from rclpy.callback_groups import ReentrantCallbackGroup
     from rclpy.node import Node
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from rclpy.task import Future
     from sensor_msgs.msg import CameraInfo, CompressedImage, Image
     from std_msgs.msg import Header, String
 
@@ -181,18 +188,15 @@ def _node_class():
             # effort, 16 with reliable).
             sensor = (qos_profile_sensor_data if p.image_qos == "sensor_data"
                       else QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
-            inputs = MutuallyExclusiveCallbackGroup()
-            # Queries get their own group and a deep history: a busy camera callback
-            # must never make the middleware drop a query (each gets one result).
-            queries = MutuallyExclusiveCallbackGroup()
-            self.create_subscription(Image, "image", self._on_image, sensor, callback_group=inputs)
+            self.create_subscription(Image, "image", self._on_image, sensor)
             if p.subscribe_compressed:
-                self.create_subscription(CompressedImage, "image/compressed", self._on_compressed, sensor,
-                                         callback_group=inputs)
-            self.create_subscription(Image, "depth", self._on_depth, sensor, callback_group=inputs)
-            self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sensor, callback_group=inputs)
-            self.create_subscription(String, "query", self._on_text_query, 100, callback_group=queries)
-            self.create_subscription(Query, "structured_query", self._on_query, 100, callback_group=queries)
+                self.create_subscription(CompressedImage, "image/compressed", self._on_compressed, sensor)
+            self.create_subscription(Image, "depth", self._on_depth, sensor)
+            self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sensor)
+            # A deep history: a burst of queries behind a camera callback must never
+            # make the middleware drop one (each query gets exactly one result).
+            self.create_subscription(String, "query", self._on_text_query, 100)
+            self.create_subscription(Query, "structured_query", self._on_query, 100)
             self.result_pub = self.create_publisher(GroundingResult, "result", 100)
             self.answer_pub = self.create_publisher(String, "answer", 100)
             self.mask_pub = self.create_publisher(Image, "mask", 10)
@@ -201,9 +205,14 @@ def _node_class():
             self.detections_pub = (self.create_publisher(Detection2DArray, "detections", 10)
                                    if have_vision_msgs else None)
             self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-            # The service waits for its outcome: its own reentrant group keeps the
-            # input callbacks free while it does.
+            # The service callback awaits its outcome, so the executor keeps taking
+            # camera frames and queries meanwhile. Its own reentrant group: a pending
+            # callback holds its group, and the default (mutually exclusive) group
+            # holds every subscription.
             self.create_service(Ground, "ground", self._on_ground, callback_group=ReentrantCallbackGroup())
+            # Frames received per second, in the diagnostics: far below the camera's
+            # rate means frames are lost in transport (config/fastdds_large_images.xml).
+            self._frames_received, self._frames_at_last_diagnostics = 0, (0, self.get_clock().now())
             self.create_timer(p.diagnostics_period, self._publish_diagnostics)
             self.get_logger().info(
                 "nextchat_grounding ready: " + ", ".join(f"{k}={v!r}" for k, v in vars(p).items()))
@@ -227,9 +236,11 @@ def _node_class():
             return frame
 
         def _on_image(self, msg) -> None:
+            self._frames_received += 1
             self.service.add_frame(self._frame_from(msg, image_msg_to_rgb))
 
         def _on_compressed(self, msg) -> None:
+            self._frames_received += 1
             self.service.add_frame(self._frame_from(msg, compressed_msg_to_rgb))
 
         def _on_depth(self, msg) -> None:
@@ -260,24 +271,33 @@ def _node_class():
         def _on_query(self, msg) -> None:
             self.service.submit(self._request_from(msg, self._publish))
 
-        def _on_ground(self, request, response):
-            finished = threading.Event()
-            holder = {}
+        async def _on_ground(self, request, response):
+            outcome = Future(executor=self.executor)
+            # A done callback makes set_result (on the worker thread) wake the executor,
+            # which then resumes this coroutine.
+            outcome.add_done_callback(lambda _: None)
+            settle = threading.Lock()
 
-            def done(outcome):
-                holder["result"] = self._publish(outcome)
-                finished.set()
+            def settle_once(result) -> None:  # the worker's answer or the timeout, whichever is first
+                with settle:
+                    if not outcome.done():
+                        outcome.set_result(result)
+
+            def timed_out() -> None:
+                result = GroundingResult(query_id=request.query.id, query=request.query.text,
+                                         status=GroundingResult.STATUS_INTERNAL_ERROR,
+                                         error=f"no result within {SERVICE_TIMEOUT_S:.0f} s")
+                result.header.stamp = self.get_clock().now().to_msg()
+                settle_once(result)
 
             frame = self._frame_from(request.image, image_msg_to_rgb) if request.image.width or \
                 request.image.height or len(request.image.data) else None
-            self.service.submit(self._request_from(request.query, done, frame))
-            if not finished.wait(timeout=120.0):
-                result = GroundingResult(query_id=request.query.id, query=request.query.text,
-                                         status=GroundingResult.STATUS_INTERNAL_ERROR,
-                                         error="no result within 120 s")
-                result.header.stamp = self.get_clock().now().to_msg()
-                holder["result"] = result
-            response.result = holder["result"]
+            timer = threading.Timer(SERVICE_TIMEOUT_S, timed_out)
+            timer.daemon = True
+            timer.start()
+            self.service.submit(self._request_from(request.query, lambda o: settle_once(self._publish(o)), frame))
+            response.result = await outcome
+            timer.cancel()
             return response
 
         # --- outputs -------------------------------------------------------------------
@@ -359,7 +379,12 @@ def _node_class():
             depth = s.queue_depth
             status.level = DiagnosticStatus.OK if depth < s._queue.maxsize else DiagnosticStatus.WARN
             status.message = f"{depth} queued, {s.counts['ok']} answered, {s.counts['refused']} refused"
-            values = {"queue_depth": depth, **s.counts, **{k: f"{v:.1f}" for k, v in s.last_timings.items()}}
+            now, (count_then, then) = self.get_clock().now(), self._frames_at_last_diagnostics
+            seconds = max((now - then).nanoseconds * 1e-9, 1e-9)
+            camera_hz = (self._frames_received - count_then) / seconds
+            self._frames_at_last_diagnostics = (self._frames_received, now)
+            values = {"queue_depth": depth, "camera_frames_per_second": f"{camera_hz:.1f}", **s.counts,
+                      **{k: f"{v:.1f}" for k, v in s.last_timings.items()}}
             status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
             array = DiagnosticArray(status=[status])
             array.header.stamp = self.get_clock().now().to_msg()

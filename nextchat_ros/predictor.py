@@ -73,6 +73,7 @@ class _Frame:
     cache: DynamicCache
     prefix_len: int
     timings_ms: dict[str, float]
+    image_embeds: torch.Tensor  # (1, N, D): what location tokens read their region from
 
 
 class NextChatPredictor:
@@ -124,7 +125,8 @@ class NextChatPredictor:
             t3 = time.perf_counter()
             timings = {"vision_ms": (t1 - t0) * 1e3, "sam_encoder_ms": (t2 - t1) * 1e3,
                        "prefix_ms": (t3 - t2) * 1e3, "set_image_ms": (t3 - t0) * 1e3}
-            self._frame = _Frame(image.shape[0], image.shape[1], sam_embedding, cache, prefix.shape[1], timings)
+            self._frame = _Frame(image.shape[0], image.shape[1], sam_embedding, cache, prefix.shape[1], timings,
+                                 image_embeds)
         return timings
 
     # --- queries ----------------------------------------------------------------------
@@ -182,7 +184,8 @@ class NextChatPredictor:
         """Run token ids (location slots filled from loc_boxes) on the cache; last-layer hidden states."""
         model = self.model
         ids_t = torch.tensor([ids], device=self.device)
-        loc_embeds = model.box_encoder(loc_boxes) if loc_boxes is not None and len(loc_boxes) else None
+        loc_embeds = (model.location_embeddings(loc_boxes, frame.image_embeds)
+                      if loc_boxes is not None and len(loc_boxes) else None)
         emb = model.embed(ids_t, loc_embeds=loc_embeds)
         return self._forward_embeds(frame, emb)
 
@@ -230,7 +233,7 @@ class NextChatPredictor:
                 obj.hidden = h
                 objects.append(obj)
                 # The location token is forced and carries the box back into the LLM.
-                hidden = self._forward_embeds(frame, model.box_encoder(box)[None, None])
+                hidden = self._forward_embeds(frame, model.location_embeddings(box[None], frame.image_embeds)[None])
                 token_ids += [token, tok.location_id]
                 generated += [token, tok.location_id]
                 loc_boxes.append(box)

@@ -7,4 +7,7 @@ bash "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-$(( $$ % 100 + 1 ))}"
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+# Camera frames over shared memory (Fast DDS's default 512 KB segment loses most
+# best-effort 640x480 frames): see the profile's comment.
+export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$ROOT/config/fastdds_large_images.xml}"
 export ROS_LOG_DIR="${ROS_LOG_DIR:-$(mktemp -d -t nextchat-ros-log.XXXXXX)}"

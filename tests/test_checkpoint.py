@@ -41,14 +41,15 @@ def test_safetensors_round_trip(tiny_model, saved_tiny, scene):
 
 @pytest.fixture(scope="module")
 def released_shaped_tiny():
-    """The tiny preset without its two additions the released model lacks (a conv
-    patch stem and a position embedding on the image tokens)."""
+    """The tiny preset without its additions the released model lacks (a conv patch
+    stem, a position embedding on the image tokens, region features)."""
     from nextchat_ros.model import build_model
     from nextchat_ros.model.config import get_preset
 
     config = get_preset("tiny")
     config.image_position_scale = 0.0
     config.vision.patch_stem = "linear"
+    config.region_features = False
     return build_model(config, seed=0).eval()
 
 

@@ -41,6 +41,7 @@ def test_install_tree_has_what_ros2_launch_and_run_need(workspace):
     assert (prefix / "share/nextchat_ros/package.xml").is_file()
     assert (prefix / "share/nextchat_ros/launch/grounding.launch.py").is_file()
     assert (prefix / "share/nextchat_ros/config/grounding.yaml").is_file()
+    assert (prefix / "share/nextchat_ros/config/fastdds_large_images.xml").is_file()
     for exe in ("nextchat_grounding", "nextchat"):
         path = prefix / "lib/nextchat_ros" / exe
         assert path.stat().st_mode & stat.S_IXUSR, exe

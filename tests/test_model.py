@@ -137,3 +137,29 @@ def test_grounding_attention_recomputes_the_llms_own_attention(scene):
     cover = patch_coverage(torch.tensor([[0.0, 0.0, 0.25, 0.15], [0.5, 0.5, 0.52, 0.52]]), 10).view(2, 10, 10)
     assert cover[0, 0, :3].all() and cover[0, 1, :2].all() and not cover[0, 1, 2] and cover[0].sum() == 5
     assert cover[1].sum() == 1 and cover[1, 5, 5]  # a tiny box still marks the patch under its centre
+
+
+def test_answer_attention_targets_point_answers_at_what_they_are_about(tiny_model):
+    """Region captions look at the region asked about from each answer word; a grounded
+    answer's first word looks at its objects; a bare "no" has no target."""
+    from nextchat_ros.model.nextchat import answer_attention_targets, collate
+
+    tok = tiny_model.tokenizer
+    region, cube, ball = [0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.2, 0.6, 0.3, 0.8]
+    examples = [tiny_model.prompt.training_example("describe [0].", "a red cube.", [region], []),
+                tiny_model.prompt.training_example("is there a red cube in the image?",
+                                                   "yes, the red cube [0] and the red cube [1].", [], [cube, ball]),
+                tiny_model.prompt.training_example("is there a green cup in the image?", "no.", [], [])]
+    batch = collate(examples, tok.eos_id, torch.zeros(3, 3, 8, 8))
+    is_loc = batch.input_ids == tok.location_id
+    rows, positions, boxes = answer_attention_targets(batch.input_ids, batch.labels, is_loc, batch.loc_boxes)
+    first = [int((batch.labels[b] != -100).nonzero()[0]) for b in range(3)]
+    caption = rows == 0
+    n_words = int((batch.labels[0] != -100).sum())
+    assert int(caption.sum()) == min(6, n_words)
+    assert positions[caption].tolist() == list(range(first[0] - 1, first[0] - 1 + min(6, n_words)))
+    assert torch.allclose(boxes[caption], torch.tensor(region).expand(int(caption.sum()), 4))
+    pope = rows == 1
+    assert positions[pope].tolist() == [first[1] - 1] * 2
+    assert torch.allclose(boxes[pope], torch.tensor([cube, ball]))
+    assert not (rows == 2).any()

@@ -11,12 +11,15 @@ SPECIAL_STRINGS = "<trigger> <loc> <at> <boxes> <im_patch> <im_start> <im_end> <
 
 
 def uncached_hidden(model, image, token_ids, location_boxes):
-    """One forward over prefix + token_ids, no cache: last-layer hidden states."""
+    """One forward over prefix + token_ids, no cache, location embeddings made as in
+    training (NextChatModel.forward): last-layer hidden states."""
     with torch.inference_mode():
         pixels = model.vision_tower.preprocess(torch.from_numpy(image.copy()))[None]
         ids = torch.tensor([model.prompt.prefix() + list(token_ids)])
-        loc = model.box_encoder(torch.as_tensor(location_boxes, dtype=torch.float32)) if len(location_boxes) else None
-        emb = model.embed(ids, model.encode_image(pixels), loc)
+        image_embeds = model.encode_image(pixels)
+        boxes = torch.as_tensor(np.asarray(location_boxes), dtype=torch.float32).view(-1, 4)
+        loc = model.location_embeddings(boxes, image_embeds.expand(len(boxes), -1, -1)) if len(boxes) else None
+        emb = model.embed(ids, image_embeds, loc)
         return model.llm.model(inputs_embeds=emb).last_hidden_state[0], len(model.prompt.prefix())
 
 
@@ -45,7 +48,23 @@ def test_ground_mode_matches_uncached_forward(predictor, scene):
     np.testing.assert_allclose(answer.objects[0].box_normalized, ref_box, atol=1e-5)
 
 
-def test_generate_with_triggers_and_regions_matches_uncached_forward(predictor, scene):
+@pytest.fixture(params=["shipped_layout", "trained_region_features"])
+def region_predictor(request, predictor, scene):
+    """The tiny model as built (region features start at zero) and one whose region
+    features are non-zero, as after training: location tokens then depend on the image."""
+    if request.param == "shipped_layout":
+        return predictor
+    from nextchat_ros.model import build_model
+
+    model = build_model("tiny", seed=1).eval()
+    torch.nn.init.normal_(model.region_features.proj.weight, std=0.2)
+    p = NextChatPredictor(model)
+    p.set_image(scene.image)
+    return p
+
+
+def test_generate_with_triggers_and_regions_matches_uncached_forward(region_predictor, scene):
+    predictor = region_predictor
     model = predictor.model
     TRIGGER[0] = model.tokenizer.trigger_id
     region = [10.0, 20.0, 60.0, 70.0]

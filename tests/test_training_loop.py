@@ -32,9 +32,10 @@ def test_freeze_schedules_of_the_shipped_configs(tiny_model):
     expected = {
         "sam": {"sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder"},
         "vision": {"vision_tower"},
-        # all but the vision tower (and SAM), as released; image_position is the tiny preset's addition
-        "stage1": {"projector", "image_position", "llm", "box_decoder", "box_encoder"},
-        "stage2": {"projector", "image_position", "llm", "box_decoder", "box_encoder"},
+        # all but the vision tower (and SAM), as released; image_position and region_features
+        # are the tiny preset's additions
+        "stage1": {"projector", "image_position", "region_features", "llm", "box_decoder", "box_encoder"},
+        "stage2": {"projector", "image_position", "region_features", "llm", "box_decoder", "box_encoder"},
         "stage3": {"seg_prompt_mlp", "sam.mask_decoder"},  # as released
     }
     pipeline = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())

@@ -126,6 +126,11 @@ class LossConfig:
     # LLM's last layer to look, from each trigger and location token, at the image
     # patches its box covers.
     grounding_attention: float = 0.0
+    # Training only (0 = off): the same loss from the positions that predict the
+    # answer (nextchat.answer_attention_targets): a region caption's words look at
+    # the region asked about; the first answer word of a grounded answer (a "yes"
+    # of an existence question, a referring answer) at the objects it grounds.
+    answer_attention: float = 0.0
 
 
 @dataclass
@@ -143,6 +148,10 @@ class NextChatConfig:
     # Amplitude of a learned 2D sin-cos position embedding added to the image
     # tokens after the projector (heads.ImagePositionEmbedding); 0 = none (released).
     image_position_scale: float = 0.0
+    # A location token's embedding also carries the image tokens its box covers
+    # (heads.RegionFeatures), as region-feature models (GPT4RoI, Ferret) do;
+    # False = the box alone (released).
+    region_features: bool = False
     # Conversation template.
     system_prompt: str = (
         "A chat between a curious user and an artificial intelligence assistant. "
@@ -231,7 +240,8 @@ def tiny_config() -> NextChatConfig:
         ),
         box_head_hidden=256,
         image_position_scale=0.5,
-        loss=LossConfig(grounding_attention=1.0),
+        region_features=True,
+        loss=LossConfig(grounding_attention=1.0, answer_attention=1.0),
         system_prompt="A robot asks about its camera image.",
         max_query_tokens=128,
     )

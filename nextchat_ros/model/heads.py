@@ -59,6 +59,20 @@ class SegPromptMLP(nn.Sequential):
         return super().forward(hidden).view(*hidden.shape[:-1], self.num_tokens, self.prompt_dim)
 
 
+def patch_coverage(boxes: torch.Tensor, grid: int, min_fraction: float = 0.3) -> torch.Tensor:
+    """(N, 4) normalised xyxy boxes -> (N, grid * grid) bool: the patches a box covers
+    by at least ``min_fraction`` of their area, and always the one under its centre."""
+    edges = torch.arange(grid + 1, device=boxes.device, dtype=boxes.dtype) / grid
+    lo, hi = edges[:-1], edges[1:]
+    ox = (torch.minimum(boxes[:, 2:3], hi) - torch.maximum(boxes[:, 0:1], lo)).clamp_min(0) * grid  # (N, g)
+    oy = (torch.minimum(boxes[:, 3:4], hi) - torch.maximum(boxes[:, 1:2], lo)).clamp_min(0) * grid
+    cover = (oy[:, :, None] * ox[:, None, :]).flatten(1) >= min_fraction  # row-major, like the patches
+    cx = ((boxes[:, 0] + boxes[:, 2]) / 2 * grid).long().clamp(0, grid - 1)
+    cy = ((boxes[:, 1] + boxes[:, 3]) / 2 * grid).long().clamp(0, grid - 1)
+    cover[torch.arange(len(boxes), device=boxes.device), cy * grid + cx] = True
+    return cover
+
+
 class ImagePositionEmbedding(nn.Module):
     """A learned 2D position embedding added to the image tokens in LLM space,
     initialised with sin-cos values (tiny preset only; not part of the released
@@ -80,3 +94,31 @@ class ImagePositionEmbedding(nn.Module):
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         return image_embeds + self.weight.to(image_embeds.dtype)
+
+
+class RegionFeatures(nn.Module):
+    """What the image shows inside a box, added to the location token's embedding
+    (tiny preset only; the released model embeds the box coordinates alone): the
+    image tokens the box covers, averaged by coverage, through a zero-initialised
+    linear layer (so training starts from the box-only embedding).
+
+    Why: a region caption ("describe [0]") must read the colour and kind of what
+    is inside the region. A linear probe reads both from the covered image tokens
+    (colour 99 %, kind 91 %), but the tiny LLM trained for minutes did not learn
+    to find a box's patches from its coordinate embedding: region-caption colour
+    stayed at chance (0.18).
+    """
+
+    def __init__(self, grid: int, llm_dim: int):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Linear(llm_dim, llm_dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, image_embeds: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """image_embeds (K, N, D) or (1, N, D), boxes (K, 4) normalised xyxy -> (K, D)."""
+        weights = patch_coverage(boxes.float(), self.grid).to(image_embeds.dtype)  # (K, N), >= 1 patch each
+        weights = weights / weights.sum(-1, keepdim=True)
+        pooled = torch.einsum("kn,knd->kd", weights, image_embeds.expand(len(boxes), -1, -1))
+        return self.proj(pooled)

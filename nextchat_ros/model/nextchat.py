@@ -15,7 +15,15 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .config import LLMConfig, NextChatConfig
-from .heads import BoxDecoder, BoxEncoder, ImagePositionEmbedding, Projector, SegPromptMLP
+from .heads import (
+    BoxDecoder,
+    BoxEncoder,
+    ImagePositionEmbedding,
+    Projector,
+    RegionFeatures,
+    SegPromptMLP,
+    patch_coverage,
+)
 from .losses import box_loss, cycle_loss, lm_loss, mask_loss
 from .prompt import PromptBuilder
 from .sam import SamMaskHead
@@ -89,20 +97,6 @@ def capture_layer_input(store: dict):
     return hook
 
 
-def patch_coverage(boxes: torch.Tensor, grid: int, min_fraction: float = 0.3) -> torch.Tensor:
-    """(N, 4) normalised xyxy boxes -> (N, grid * grid) bool: the patches a box covers
-    by at least ``min_fraction`` of their area, and always the one under its centre."""
-    edges = torch.arange(grid + 1, device=boxes.device, dtype=boxes.dtype) / grid
-    lo, hi = edges[:-1], edges[1:]
-    ox = (torch.minimum(boxes[:, 2:3], hi) - torch.maximum(boxes[:, 0:1], lo)).clamp_min(0) * grid  # (N, g)
-    oy = (torch.minimum(boxes[:, 3:4], hi) - torch.maximum(boxes[:, 1:2], lo)).clamp_min(0) * grid
-    cover = (oy[:, :, None] * ox[:, None, :]).flatten(1) >= min_fraction  # row-major, like the patches
-    cx = ((boxes[:, 0] + boxes[:, 2]) / 2 * grid).long().clamp(0, grid - 1)
-    cy = ((boxes[:, 1] + boxes[:, 3]) / 2 * grid).long().clamp(0, grid - 1)
-    cover[torch.arange(len(boxes), device=boxes.device), cy * grid + cx] = True
-    return cover
-
-
 def grounding_attention_loss(model: NextChatModel, layer_input: torch.Tensor, ids: torch.Tensor,
                              rows: torch.Tensor, positions: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """-log of the attention mass that head 0 of the LLM's last layer puts on the
@@ -124,6 +118,43 @@ def grounding_attention_loss(model: NextChatModel, layer_input: torch.Tensor, id
     cover = patch_coverage(boxes.float(), grid)
     mass = (probs.gather(1, patch_positions) * cover).sum(-1)
     return -(mass + 1e-6).log().mean()
+
+
+def answer_attention_targets(ids: torch.Tensor, labels: torch.Tensor, is_loc: torch.Tensor, loc_boxes: torch.Tensor,
+                             max_answer_words: int = 6, max_boxes: int = 4):
+    """(rows, positions, boxes) for the grounding-attention loss from the positions
+    that predict answer tokens (logits at t - 1 predict the token at t):
+
+    - a question with exactly one region (``describe [0]``): the positions that
+      predict the first ``max_answer_words`` answer tokens, each at that region;
+    - a question without regions whose answer grounds objects (referring answers,
+      the "yes" of an existence question, grounded captions): the position that
+      predicts the first answer token, at each of the first ``max_boxes`` objects.
+
+    A "no" (nothing to ground) gets no target: its attention is free to find nothing.
+    """
+    loc_index = (torch.cumsum(is_loc.flatten(), 0) - 1).view_as(ids)
+    rows, positions, boxes = [], [], []
+    for b in range(len(ids)):
+        answer = (labels[b] != -100).nonzero(as_tuple=True)[0]
+        if len(answer) == 0:
+            continue
+        first = int(answer[0])
+        locs = is_loc[b].nonzero(as_tuple=True)[0]
+        asked, answered = locs[locs < first], locs[locs >= first]
+        if len(asked) == 1:
+            targets = [(int(t) - 1, loc_index[b, asked[0]]) for t in answer[:max_answer_words]]
+        elif len(asked) == 0 and len(answered):
+            targets = [(first - 1, loc_index[b, t]) for t in answered[:max_boxes]]
+        else:
+            continue
+        for position, box_index in targets:
+            rows.append(b)
+            positions.append(position)
+            boxes.append(loc_boxes[box_index])
+    if not rows:
+        return ids.new_zeros(0), ids.new_zeros(0), loc_boxes.new_zeros(0, 4)
+    return ids.new_tensor(rows), ids.new_tensor(positions), torch.stack(boxes)
 
 
 def last_layer_head0_attention(model: NextChatModel, layer_input: torch.Tensor, rows: torch.Tensor,
@@ -178,6 +209,7 @@ class NextChatModel(nn.Module):
         self.llm = llm if llm is not None else LlamaForCausalLM(llama_config(config.llm))
         self.box_decoder = BoxDecoder(d_model, config.box_head_hidden)
         self.box_encoder = BoxEncoder(d_model, config.box_head_hidden)
+        self.region_features = RegionFeatures(grid, d_model) if config.region_features else nn.Identity()
         self.seg_prompt_mlp = SegPromptMLP(d_model, config.sam.prompt_embed_dim, config.seg_prompt_tokens)
         self.sam = SamMaskHead(config.sam)
         self.prompt = PromptBuilder(tokenizer, config, config.vision.num_patches)
@@ -194,6 +226,16 @@ class NextChatModel(nn.Module):
     def encode_image(self, vision_pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, num_patches, llm_hidden) image token embeddings."""
         return self.image_position(self.projector(self.vision_tower(vision_pixels).to(self.dtype)))
+
+    def location_embeddings(self, boxes: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(K, 4) normalised boxes -> (K, D) location-token embeddings: the box
+        encoder's, plus what the image shows inside each box where the model has
+        region features. ``image_embeds``: (K, N, D), each box's own image, or
+        (1, N, D) for all."""
+        embeds = self.box_encoder(boxes)
+        if self.config.region_features:
+            embeds = embeds + self.region_features(image_embeds, boxes)
+        return embeds
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None,
               loc_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,11 +276,13 @@ class NextChatModel(nn.Module):
         ids = batch.input_ids.to(self.device)
         image_embeds = self.encode_image(batch.vision_pixels.to(self.device))
         loc_boxes = batch.loc_boxes.to(self.device, self.dtype)
-        loc_embeds = self.box_encoder(loc_boxes) if loc_boxes.numel() else None
+        is_loc = ids == tok.location_id
+        loc_rows = is_loc.nonzero(as_tuple=True)[0]  # row-major, like loc_boxes
+        loc_embeds = self.location_embeddings(loc_boxes, image_embeds[loc_rows]) if loc_boxes.numel() else None
         emb = self.embed(ids, image_embeds, loc_embeds)
         attention_mask = batch.attention_mask.to(self.device)
-        supervise_attention = weights.grounding_attention > 0 and loc_boxes.numel() > 0 and any(
-            p.requires_grad for p in self.llm.parameters())
+        supervise_attention = (weights.grounding_attention > 0 or weights.answer_attention > 0) and \
+            loc_boxes.numel() > 0 and any(p.requires_grad for p in self.llm.parameters())
         captured = {}
         hook = (self.llm.model.layers[-1].register_forward_pre_hook(capture_layer_input(captured), with_kwargs=True)
                 if supervise_attention else None)
@@ -251,7 +295,6 @@ class NextChatModel(nn.Module):
         losses = {"lm": lm_loss(logits, batch.labels.to(self.device))}
 
         # A trigger's target is the box its following location token carries.
-        is_loc = ids == tok.location_id
         loc_index = (torch.cumsum(is_loc.flatten(), 0) - 1).view_as(ids)
         trig = torch.zeros_like(is_loc)
         trig[:, :-1] = (ids[:, :-1] == tok.trigger_id) & is_loc[:, 1:]
@@ -266,13 +309,17 @@ class NextChatModel(nn.Module):
             losses["mask"] = self._mask_loss(batch, b_idx, trig_hidden, pred_raw, targets)
 
         total = weights.lm * losses["lm"] + losses["box"] + weights.cycle * losses["cycle"]
-        if supervise_attention:
+        if supervise_attention and weights.grounding_attention > 0:
             # Every location token looks at its own box; every trigger at the box it grounds.
             loc_b, loc_t = is_loc.nonzero(as_tuple=True)
             losses["attention"] = grounding_attention_loss(
                 self, captured["h"], ids, torch.cat([b_idx, loc_b]), torch.cat([t_idx, loc_t]),
                 torch.cat([targets, loc_boxes]))
             total = total + weights.grounding_attention * losses["attention"]
+        if supervise_attention and weights.answer_attention > 0:
+            rows, positions, boxes = answer_attention_targets(ids, batch.labels.to(self.device), is_loc, loc_boxes)
+            losses["answer_attention"] = grounding_attention_loss(self, captured["h"], ids, rows, positions, boxes)
+            total = total + weights.answer_attention * losses["answer_attention"]
         if "mask" in losses:
             total = total + losses["mask"]
         losses["loss"] = total

@@ -49,9 +49,9 @@ from .evaluate import evaluate, format_metrics
 from .formats import read_coco_instances, read_jsonl
 
 # Loss terms logged to metrics.csv (a stage logs those its loss has).
-LOSS_TERMS = ("loss", "lm", "box", "cycle", "mask", "attention")
-MODULES = ("vision_tower", "projector", "image_position", "llm", "box_decoder", "box_encoder", "seg_prompt_mlp",
-           "sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder")
+LOSS_TERMS = ("loss", "lm", "box", "cycle", "mask", "attention", "answer_attention")
+MODULES = ("vision_tower", "projector", "image_position", "region_features", "llm", "box_decoder", "box_encoder",
+           "seg_prompt_mlp", "sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder")
 
 
 @dataclass
