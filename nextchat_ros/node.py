@@ -182,10 +182,9 @@ def _node_class():
             self._depth = None  # (stamp_ns, metres)
             self._intrinsics = None
             self._lock = threading.Lock()
-            # Best effort by default, as camera drivers publish. "reliable" is for
-            # replays and benchmarks, where every frame a query names must arrive
-            # (a 200-query bag replay answered 59 queries STALE_IMAGE with best
-            # effort, 16 with reliable).
+            # Best effort by default, as camera drivers publish (frames over 512 KB
+            # need config/fastdds_large_images.xml with Fast DDS, or most are lost).
+            # "reliable" is for replays, where every frame a query names must arrive.
             sensor = (qos_profile_sensor_data if p.image_qos == "sensor_data"
                       else QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
             self.create_subscription(Image, "image", self._on_image, sensor)
