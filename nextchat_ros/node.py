@@ -152,6 +152,7 @@ def _node_class():
         compressed_msg_to_rgb,
         depth_msg_to_metres,
         fill_image_msg,
+        image_frame,
         image_msg_to_rgb,
         roi_to_xyxy,
         stamp_to_ns,
@@ -211,7 +212,7 @@ def _node_class():
             self.create_service(Ground, "ground", self._on_ground, callback_group=ReentrantCallbackGroup())
             # Frames received per second, in the diagnostics: far below the camera's
             # rate means frames are lost in transport (config/fastdds_large_images.xml).
-            self._frames_received, self._frames_at_last_diagnostics = 0, (0, self.get_clock().now())
+            self._frames_at_last_diagnostics = (0, self.get_clock().now())
             self.create_timer(p.diagnostics_period, self._publish_diagnostics)
             self.get_logger().info(
                 "nextchat_grounding ready: " + ", ".join(f"{k}={v!r}" for k, v in vars(p).items()))
@@ -221,25 +222,20 @@ def _node_class():
 
         # --- inputs --------------------------------------------------------------------
         def _frame_from(self, msg, convert) -> Frame:
-            stamp = stamp_to_ns(msg.header.stamp)
-            try:
-                image = convert(msg, self.params.max_image_pixels)
-            except ImageError as exc:
-                return Frame(None, stamp, msg.header.frame_id, error=str(exc))
-            frame = Frame(image, stamp, msg.header.frame_id)
+            frame = image_frame(msg, convert, self.params.max_image_pixels)
+            if frame.image is None:
+                return frame
             with self._lock:
                 depth, intrinsics = self._depth, self._intrinsics
-            if depth is not None and intrinsics is not None and depth[1].shape == image.shape[:2] \
-                    and abs(depth[0] - stamp) <= self.params.depth_sync_tolerance * 1e9:
+            if depth is not None and intrinsics is not None and depth[1].shape == frame.image.shape[:2] \
+                    and abs(depth[0] - frame.stamp_ns) <= self.params.depth_sync_tolerance * 1e9:
                 frame.depth, frame.intrinsics = depth[1], intrinsics
             return frame
 
         def _on_image(self, msg) -> None:
-            self._frames_received += 1
             self.service.add_frame(self._frame_from(msg, image_msg_to_rgb))
 
         def _on_compressed(self, msg) -> None:
-            self._frames_received += 1
             self.service.add_frame(self._frame_from(msg, compressed_msg_to_rgb))
 
         def _on_depth(self, msg) -> None:
@@ -380,8 +376,8 @@ def _node_class():
             status.message = f"{depth} queued, {s.counts['ok']} answered, {s.counts['refused']} refused"
             now, (count_then, then) = self.get_clock().now(), self._frames_at_last_diagnostics
             seconds = max((now - then).nanoseconds * 1e-9, 1e-9)
-            camera_hz = (self._frames_received - count_then) / seconds
-            self._frames_at_last_diagnostics = (self._frames_received, now)
+            camera_hz = (s.counts["frames"] - count_then) / seconds
+            self._frames_at_last_diagnostics = (s.counts["frames"], now)
             values = {"queue_depth": depth, "camera_frames_per_second": f"{camera_hz:.1f}", **s.counts,
                       **{k: f"{v:.1f}" for k, v in s.last_timings.items()}}
             status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]

@@ -69,6 +69,19 @@ def image_msg_to_rgb(msg, max_pixels: int = 4096 * 4096) -> np.ndarray:
     return np.ascontiguousarray(pixels[..., list(order)])
 
 
+def image_frame(msg, convert=image_msg_to_rgb, max_pixels: int = 4096 * 4096):
+    """A camera image message -> the service's Frame, stamped like the message; a
+    malformed one -> a Frame carrying the refusal (a query about it gets BAD_IMAGE).
+    ``convert``: image_msg_to_rgb or compressed_msg_to_rgb."""
+    from .service import Frame  # the service pulls in the model; this module stays light
+
+    stamp = stamp_to_ns(msg.header.stamp)
+    try:
+        return Frame(convert(msg, max_pixels), stamp, msg.header.frame_id)
+    except ImageError as exc:
+        return Frame(None, stamp, msg.header.frame_id, error=str(exc))
+
+
 def compressed_msg_to_rgb(msg, max_pixels: int = 4096 * 4096) -> np.ndarray:
     """A sensor_msgs/CompressedImage (jpeg / png) -> (H, W, 3) uint8 RGB."""
     from PIL import Image, UnidentifiedImageError

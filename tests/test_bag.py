@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 NEXTCHAT = [sys.executable, "-m", "nextchat_ros.cli"]
 
 
@@ -38,6 +39,7 @@ def test_recorded_bag_reads_back_with_rosbags(synthetic_bag):
     from rosbags.highlevel import AnyReader
 
     from nextchat_ros.bag.io import typestore
+    from nextchat_ros.ros_images import mono8_mask, stamp_to_ns
 
     stream = SyntheticTabletop("heldout", EVAL_TASK_WEIGHTS)
     with AnyReader([synthetic_bag], default_typestore=typestore()) as reader:
@@ -50,12 +52,12 @@ def test_recorded_bag_reads_back_with_rosbags(synthetic_bag):
         for connection, t, raw in reader.messages():
             messages[connection.topic].append((t, reader.deserialize(raw, connection.msgtype)))
     assert [len(messages[t]) for t in types] == [16, 16, 8, 8]
-    frames = {m.header.stamp.sec * 10**9 + m.header.stamp.nanosec: m for _, m in messages["/camera/image_raw"]}
+    frames = {stamp_to_ns(m.header.stamp): m for _, m in messages["/camera/image_raw"]}
     for k, ((t_query, query), (_, truth)) in enumerate(zip(messages["/nextchat/structured_query"],
                                                             messages["/nextchat/truth"], strict=True)):
         scene, sample = stream.item(k)
         assert query.id == truth.query_id == f"q{k:05d}" and query.text == sample.question
-        stamp = query.image_stamp.sec * 10**9 + query.image_stamp.nanosec
+        stamp = stamp_to_ns(query.image_stamp)
         assert stamp < t_query and stamp in frames  # the query names a frame recorded before it
         image = frames[stamp]
         pixels = np.asarray(image.data, np.uint8).reshape(image.height, image.step)[:, :image.width * 3]
@@ -65,8 +67,7 @@ def test_recorded_bag_reads_back_with_rosbags(synthetic_bag):
         for roi, obj in zip(truth.boxes, sample.answer_objects, strict=True):
             assert abs(roi.x_offset - obj.box[0]) <= 0.5 and abs(roi.x_offset + roi.width - obj.box[2]) <= 0.5
         for mask_msg, obj in zip(truth.masks, sample.answer_objects, strict=True):
-            mask = np.asarray(mask_msg.data, np.uint8).reshape(mask_msg.height, mask_msg.width) > 0
-            assert np.array_equal(mask, obj.mask)
+            assert np.array_equal(mono8_mask(mask_msg), obj.mask)
 
 
 def test_recorded_bag_reads_back_with_the_mcap_reader(synthetic_bag):

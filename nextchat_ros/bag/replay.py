@@ -173,8 +173,8 @@ class _Collector:
 def replay_offline(bag: str | Path, predictor, *, image_topic: str | None = None, query_topic: str | None = None,
                    max_new_tokens: int = 48, progress: bool = True) -> ReplayResult:
     """Score the bag's queries straight through the predictor (no ROS, no timing)."""
-    from ..ros_images import image_msg_to_rgb
-    from ..service import Frame, GroundingService, Request
+    from ..ros_images import image_frame
+    from ..service import GroundingService, Request
 
     info = bag_info(bag)
     topics = Topics.detect(info, image_topic, query_topic)
@@ -189,14 +189,9 @@ def replay_offline(bag: str | Path, predictor, *, image_topic: str | None = None
             for message in read_messages(bag, topics.inputs()):
                 bar.update()
                 if message.topic == topics.image:
-                    msg = deserialize(message.data, IMAGE_TYPE)
-                    stamp = stamp_to_ns(msg.header.stamp)
-                    try:
-                        frame = Frame(image_msg_to_rgb(msg), stamp, msg.header.frame_id)
-                    except Exception as exc:  # the node answers such frames with BAD_IMAGE too
-                        frame = Frame(None, stamp, msg.header.frame_id, error=str(exc))
+                    frame = image_frame(deserialize(message.data, IMAGE_TYPE))  # as the node makes it
                     service.add_frame(frame)
-                    collector.add_frame(stamp, message.data)
+                    collector.add_frame(frame.stamp_ns, message.data)
                     continue
                 record = collector.add(message)
                 if record is None:
