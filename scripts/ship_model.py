@@ -43,8 +43,9 @@ def main() -> None:
         f"| command | `nextchat train --config {report['config']}` |",
         "| seeds | init seed 0, data = pure function of the sample index (train seeds from 0, "
         "held-out seeds from 1e9) |",
-        "| stages | " + ", ".join(f"{s['name']} ({s['steps']} steps x {s['batch_size']})" for s in report["stages"])
-        + " |",
+        "| stages | " + ", ".join(f"{s['name']} ({s['steps']} steps x {s['batch_size']}"
+                                  + (f" rows x {s['turns_per_image']} samples" if s.get("turns_per_image", 1) > 1
+                                     else "") + ")" for s in report["stages"]) + " |",
         f"| wall time | {report['total_seconds'] / 60:.1f} min in all; "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["train_seconds"].items()) + " |",
         f"| machine | {platform.machine()}, {report['torch_threads']} CPU threads, torch {torch.__version__}, "

@@ -163,3 +163,40 @@ def test_answer_attention_targets_point_answers_at_what_they_are_about(tiny_mode
     assert positions[pope].tolist() == [first[1] - 1] * 2
     assert torch.allclose(boxes[pope], torch.tensor([cube, ball]))
     assert not (rows == 2).any()
+
+
+def test_packed_turns_compute_what_single_turns_do(tiny_model):
+    """Three questions about one image packed in one row (prompt.pack_turns) give the
+    losses of the same three as separate rows: each turn is masked from the others and
+    positioned right after the image prefix, as the predictor runs a question."""
+    from nextchat_ros.model.prompt import pack_turns
+
+    torch.manual_seed(0)
+    model, tok = tiny_model, tiny_model.tokenizer
+    region, cube, ball = [0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.2, 0.6, 0.3, 0.8]
+    examples = [model.prompt.training_example("describe [0].", "a red cube.", [region], []),
+                model.prompt.training_example("where are the red things?", "the red cube [0] and the ball [1].",
+                                              [], [cube, ball]),
+                model.prompt.training_example("is there a green cup in the image?", "no.", [], [])]
+    s, m = model.config.vision.image_size, model.config.sam.image_size
+    vision, sam = torch.randn(1, 3, s, s), torch.randn(1, 3, m, m)
+    low = model.config.sam.embedding_size * 4
+    masks = [None, (torch.rand(2, low, low) > 0.5).float(), None]
+    single = collate(examples, tok.eos_id, vision.expand(3, -1, -1, -1), sam.expand(3, -1, -1, -1), masks)
+    packed_example = pack_turns(examples, len(model.prompt.prefix()))
+    packed = collate([packed_example], tok.eos_id, vision, sam, [masks[1]])
+    assert packed.turns.max() == 3 and packed.input_ids.shape[1] < single.input_ids.numel()
+    with torch.no_grad():
+        a, b = model(single), model(packed)
+    for term in ("lm", "box", "cycle", "attention", "answer_attention", "mask", "pred_boxes"):
+        assert torch.allclose(a[term], b[term], atol=1e-5), (term, a[term], b[term])
+
+
+def test_only_single_turns_about_one_image_can_be_packed(tiny_model):
+    from nextchat_ros.model.prompt import pack_turns
+
+    prompt, n = tiny_model.prompt, len(tiny_model.prompt.prefix())
+    one = prompt.training_example("where is the cube?", "the cube [0].", [], [[0.1, 0.1, 0.2, 0.2]])
+    twice = pack_turns([one, one], n)
+    with pytest.raises(ValueError, match="single-turn"):
+        pack_turns([twice, one], n)

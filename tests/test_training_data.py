@@ -20,6 +20,32 @@ def test_scenes_and_samples_are_deterministic():
     assert heldout.item(0)[0].seed != stream.item(0)[0].seed
 
 
+def test_several_samples_about_one_scene_start_with_the_items_sample():
+    stream = SyntheticTabletop("train")
+    for i in (0, 7, 99):
+        scene, samples = stream.scene_samples(i, 4)
+        again = stream.scene_samples(i, 4)[1]
+        first_scene, first = stream.item(i)
+        assert scene.seed == first_scene.seed and len(samples) == 4
+        assert (samples[0].question, samples[0].answer) == (first.question, first.answer)
+        assert [s.question for s in samples] == [s.question for s in again]
+    tasks = {s.task for i in range(20) for s in stream.scene_samples(i, 4)[1]}
+    assert len(tasks) >= 5
+
+
+def test_packed_items_hold_every_samples_turn_and_masks(tiny_model):
+    from nextchat_training.batches import SyntheticItems
+
+    stream = SyntheticTabletop("train", {"rec": 1.0, "multi": 1.0})
+    items = SyntheticItems(stream, tiny_model.prompt, tiny_model.config, with_masks=True, turns_per_image=3)
+    item = items[5]
+    _scene, samples = stream.scene_samples(5, 3)
+    example = item["example"]
+    assert sorted(set(example.turns)) == [0, 1, 2, 3]
+    assert len(example.loc_boxes) == sum(len(s.answer_boxes) for s in samples)
+    assert item["mask_targets"].shape[0] == len(example.loc_boxes)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_boxes_and_masks_are_exact_including_occlusion(seed):
     scene = render_scene(seed, num_objects=(4, 6))
@@ -84,3 +110,24 @@ def test_referring_expressions_name_one_object():
                         matches = [o for o in scene.objects if (o.color, o.kind) == (words[0], words[1])
                                    or (o.size, o.kind) == (words[0], words[1])]
                     assert matches == [obj], expr
+
+
+def test_a_no_grounds_the_look_alikes_it_was_told_apart_from():
+    stream = SyntheticTabletop("heldout", {"pope": 1.0})
+    grounded_no = 0
+    for i in range(200):
+        scene, sample = stream.item(i)
+        if sample.truth["label"] != "no":
+            continue
+        color, kind = sample.question.removeprefix("is there a ").removesuffix(" in the image?").split(" ", 1)
+        assert not any(o.color == color and o.kind == kind for o in scene.objects)
+        same_kind = [o for o in scene.objects if o.kind == kind]
+        expected = (same_kind or [o for o in scene.objects if o.color == color])[:3]
+        assert [id(o) for o in sample.answer_objects] == [id(o) for o in expected]
+        if expected:
+            grounded_no += 1
+            assert sample.answer.startswith("no. there is the ")
+            assert all(f"the {o.color} {o.kind} [{k}]" in sample.answer for k, o in enumerate(expected))
+        else:
+            assert sample.answer == "no."
+    assert grounded_no >= 20

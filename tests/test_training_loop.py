@@ -69,10 +69,18 @@ def losses(path: Path) -> list[str]:
         return [row["loss"] for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("kind", ["lm", "sam"])
+RESUMABLE_STAGES = {
+    "lm": {},
+    "sam": {"kind": "sam", "trainable": ["sam.mask_decoder"]},
+    # three samples per scene packed in a row, with masks (stage 3's mask loss checks
+    # that a row's triggers and target masks pair up)
+    "packed": {"turns_per_image": 3, "masks": True, "trainable": ["llm", "seg_prompt_mlp", "sam.mask_decoder"]},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RESUMABLE_STAGES))
 def test_resume_after_a_stop_reproduces_the_uninterrupted_run(tmp_path, kind):
-    extra = {"kind": kind, "trainable": ["sam.mask_decoder"]} if kind == "sam" else {}
-    stage = small_stage(**extra)
+    stage = small_stage(**RESUMABLE_STAGES[kind])
     straight = train_stage(build_model("tiny", seed=0), stage, tmp_path / "straight", progress=False)
     train_stage(build_model("tiny", seed=0), stage, tmp_path / "stopped", max_steps=3, progress=False)
     assert losses(tmp_path / "stopped/metrics.csv") == losses(tmp_path / "straight/metrics.csv")[:3]

@@ -53,7 +53,9 @@ class TrainingBatch:
     location token in the batch in row-major (sample, position) order: user
     regions and answer boxes alike. ``mask_targets[b]`` holds, for each trigger of
     sample b in order, its low-res target mask (see ``SamMaskHead.target_masks``),
-    or is None to skip that sample's mask loss."""
+    or is None to skip that sample's mask loss. ``turns`` says which turn each
+    token is in (``prompt.Example.turns``; -1 for padding): rows with several
+    turns are packed (``prompt.pack_turns``)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -62,6 +64,7 @@ class TrainingBatch:
     loc_boxes: torch.Tensor
     sam_pixels: torch.Tensor | None = None
     mask_targets: list[torch.Tensor | None] | None = None
+    turns: torch.Tensor | None = None
 
 
 def collate(examples, pad_id: int, vision_pixels: torch.Tensor, sam_pixels: torch.Tensor | None = None,
@@ -71,14 +74,32 @@ def collate(examples, pad_id: int, vision_pixels: torch.Tensor, sam_pixels: torc
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), length), -100, dtype=torch.long)
     attention = torch.zeros((len(examples), length), dtype=torch.long)
+    turns = torch.full((len(examples), length), -1, dtype=torch.long)
     boxes = []
     for i, e in enumerate(examples):
         ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, :len(e.labels)] = torch.tensor(e.labels)
         attention[i, :len(e.input_ids)] = 1
+        turns[i, :len(e.input_ids)] = torch.tensor(e.turns) if e.turns else 1
         boxes += e.loc_boxes
     loc_boxes = torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
-    return TrainingBatch(ids, attention, labels, vision_pixels, loc_boxes, sam_pixels, mask_targets)
+    return TrainingBatch(ids, attention, labels, vision_pixels, loc_boxes, sam_pixels, mask_targets, turns)
+
+
+def packed_positions_and_mask(turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids (B, T) and the attention a token may pay (B, T, T; True =
+    allowed) for rows of packed turns (``turns``: 0 prefix, k >= 1 turn k, -1
+    padding): each turn sees the prefix and its own earlier tokens, and its
+    positions continue from the prefix's end, as a single turn's do."""
+    index = torch.arange(turns.shape[1], device=turns.device).expand_as(turns)
+    starts = torch.ones_like(turns, dtype=torch.bool)
+    starts[:, 1:] = turns[:, 1:] != turns[:, :-1]
+    segment_start = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
+    prefix_len = (turns == 0).sum(1, keepdim=True)
+    positions = torch.where(turns == 0, index, index - segment_start + prefix_len)
+    same = (turns[:, None, :] == 0) | (turns[:, None, :] == turns[:, :, None])
+    causal = index[:, None, :] <= index[:, :, None]
+    return positions, same & causal
 
 
 def jitter_boxes(boxes: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -98,7 +119,8 @@ def capture_layer_input(store: dict):
 
 
 def grounding_attention_loss(model: NextChatModel, layer_input: torch.Tensor, ids: torch.Tensor,
-                             rows: torch.Tensor, positions: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+                             rows: torch.Tensor, positions: torch.Tensor, boxes: torch.Tensor,
+                             packing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """-log of the attention mass that head 0 of the LLM's last layer puts on the
     image patches under ``boxes[i]``, queried from token ``positions[i]`` of row
     ``rows[i]`` (a training-only auxiliary loss; inference is unchanged).
@@ -107,11 +129,12 @@ def grounding_attention_loss(model: NextChatModel, layer_input: torch.Tensor, id
     Trained from scratch, the LLM finds *where to look* only after a long
     plateau (box loss stuck at the value of a constant box for thousands of
     steps, also with 3x the samples on a GPU); supervising one head's attention
-    gives that routing a direct signal.
+    gives that routing a direct signal. ``packing``: packed_positions_and_mask's
+    output for rows of packed turns.
     """
     if len(rows) == 0:
         return layer_input.sum() * 0.0
-    probs = last_layer_head0_attention(model, layer_input, rows, positions)
+    probs = last_layer_head0_attention(model, layer_input, rows, positions, packing)
     patch = ids == model.tokenizer.image_patch_id
     patch_positions = patch.nonzero(as_tuple=True)[1].view(len(ids), -1)[rows]  # (N, P)
     grid = model.config.vision.image_size // model.config.vision.patch_size
@@ -121,26 +144,32 @@ def grounding_attention_loss(model: NextChatModel, layer_input: torch.Tensor, id
 
 
 def answer_attention_targets(ids: torch.Tensor, labels: torch.Tensor, is_loc: torch.Tensor, loc_boxes: torch.Tensor,
-                             max_answer_words: int = 6, max_boxes: int = 4):
+                             turns: torch.Tensor | None = None, max_answer_words: int = 6, max_boxes: int = 4):
     """(rows, positions, boxes) for the grounding-attention loss from the positions
     that predict answer tokens (logits at t - 1 predict the token at t):
 
     - a question with exactly one region (``describe [0]``): the positions that
       predict the first ``max_answer_words`` answer tokens, each at that region;
     - a question without regions whose answer grounds objects (referring answers,
-      the "yes" of an existence question, grounded captions): the position that
-      predicts the first answer token, at each of the first ``max_boxes`` objects.
+      an existence question's "yes" with its matches or "no" with the look-alikes
+      it names, grounded captions): the position that predicts the first answer
+      token, at each of the first ``max_boxes`` objects.
 
-    A "no" (nothing to ground) gets no target: its attention is free to find nothing.
+    A bare "no." (nothing to ground) gets no target: its attention is free to find nothing.
+    Each turn of a packed row (``turns``, as in TrainingBatch) is one question.
     """
     loc_index = (torch.cumsum(is_loc.flatten(), 0) - 1).view_as(ids)
+    if turns is None:
+        turns = torch.ones_like(ids)
     rows, positions, boxes = [], [], []
-    for b in range(len(ids)):
-        answer = (labels[b] != -100).nonzero(as_tuple=True)[0]
+    segments = [(row, int(k)) for row in range(len(ids)) for k in turns[row].unique() if k > 0]
+    for b, turn in segments:
+        in_turn = turns[b] == turn
+        answer = ((labels[b] != -100) & in_turn).nonzero(as_tuple=True)[0]
         if len(answer) == 0:
             continue
         first = int(answer[0])
-        locs = is_loc[b].nonzero(as_tuple=True)[0]
+        locs = (is_loc[b] & in_turn).nonzero(as_tuple=True)[0]
         asked, answered = locs[locs < first], locs[locs >= first]
         if len(asked) == 1:
             targets = [(int(t) - 1, loc_index[b, asked[0]]) for t in answer[:max_answer_words]]
@@ -158,22 +187,25 @@ def answer_attention_targets(ids: torch.Tensor, labels: torch.Tensor, is_loc: to
 
 
 def last_layer_head0_attention(model: NextChatModel, layer_input: torch.Tensor, rows: torch.Tensor,
-                               positions: torch.Tensor) -> torch.Tensor:
+                               positions: torch.Tensor,
+                               packing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(N, T) attention probabilities of head 0 of the LLM's last layer, from token
-    ``positions[i]`` of row ``rows[i]``, recomputed from the layer's input exactly
-    as LlamaAttention does (RMSNorm, q/k projections, RoPE, scaling, causal mask;
-    right padding never precedes a real token, so it needs no mask here)."""
+    ``positions[i]`` (an index into the row) of row ``rows[i]``, recomputed from the
+    layer's input exactly as LlamaAttention does (RMSNorm, q/k projections, RoPE,
+    scaling, causal mask; right padding never precedes a real token, so it needs no
+    mask here). ``packing``: (position ids, allowed) of rows of packed turns."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     layer = model.llm.model.layers[-1]
     attn = layer.self_attn
     head_dim = attn.head_dim
     x = layer.input_layernorm(layer_input)  # (B, T, D)
-    position_ids = torch.arange(x.shape[1], device=x.device)
-    cos, sin = model.llm.model.rotary_emb(x, position_ids[None])  # (1, T, head_dim)
-    cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+    index = torch.arange(x.shape[1], device=x.device)
+    position_ids = packing[0] if packing is not None else index[None]
+    cos, sin = model.llm.model.rotary_emb(x, position_ids)  # (B or 1, T, head_dim)
+    cos, sin = cos.to(x.dtype).expand(len(x), -1, -1), sin.to(x.dtype).expand(len(x), -1, -1)
     query = attn.q_proj(x[rows, positions])[:, :head_dim]  # head 0
-    query = query * cos[positions] + rotate_half(query) * sin[positions]
+    query = query * cos[rows, positions] + rotate_half(query) * sin[rows, positions]
     keys = attn.k_proj(x).unflatten(-1, (-1, head_dim))[:, :, 0]  # key/value head 0 serves head 0
     keys = keys * cos + rotate_half(keys) * sin  # (B, T, head_dim)
     # Queries grouped per row and multiplied with that row's keys in one bmm: indexing
@@ -182,7 +214,8 @@ def last_layer_head0_attention(model: NextChatModel, layer_input: torch.Tensor, 
     slot = (torch.nn.functional.one_hot(rows, len(x)).cumsum(0) - 1)[torch.arange(len(rows)), rows]
     grouped = query.new_zeros(len(x), int(slot.max()) + 1, head_dim).index_put((rows, slot), query)
     scores = (grouped @ keys.transpose(1, 2))[rows, slot].float() * attn.scaling  # (N, T)
-    scores = scores.masked_fill(position_ids[None] > positions[:, None], float("-inf"))
+    allowed = packing[1][rows, positions] if packing is not None else index[None] <= positions[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
     return scores.softmax(-1)
 
 
@@ -280,14 +313,18 @@ class NextChatModel(nn.Module):
         loc_rows = is_loc.nonzero(as_tuple=True)[0]  # row-major, like loc_boxes
         loc_embeds = self.location_embeddings(loc_boxes, image_embeds[loc_rows]) if loc_boxes.numel() else None
         emb = self.embed(ids, image_embeds, loc_embeds)
-        attention_mask = batch.attention_mask.to(self.device)
+        attention_mask, position_ids, packing = batch.attention_mask.to(self.device), None, None
+        if batch.turns is not None and int(batch.turns.max()) > 1:
+            packing = packed_positions_and_mask(batch.turns.to(self.device))
+            position_ids, attention_mask = packing[0], packing[1][:, None]
         supervise_attention = (weights.grounding_attention > 0 or weights.answer_attention > 0) and \
             loc_boxes.numel() > 0 and any(p.requires_grad for p in self.llm.parameters())
         captured = {}
         hook = (self.llm.model.layers[-1].register_forward_pre_hook(capture_layer_input(captured), with_kwargs=True)
                 if supervise_attention else None)
         try:
-            hidden = self.llm.model(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+            hidden = self.llm.model(inputs_embeds=emb, attention_mask=attention_mask,
+                                    position_ids=position_ids).last_hidden_state
         finally:
             if hook is not None:
                 hook.remove()
@@ -314,11 +351,14 @@ class NextChatModel(nn.Module):
             loc_b, loc_t = is_loc.nonzero(as_tuple=True)
             losses["attention"] = grounding_attention_loss(
                 self, captured["h"], ids, torch.cat([b_idx, loc_b]), torch.cat([t_idx, loc_t]),
-                torch.cat([targets, loc_boxes]))
+                torch.cat([targets, loc_boxes]), packing)
             total = total + weights.grounding_attention * losses["attention"]
         if supervise_attention and weights.answer_attention > 0:
-            rows, positions, boxes = answer_attention_targets(ids, batch.labels.to(self.device), is_loc, loc_boxes)
-            losses["answer_attention"] = grounding_attention_loss(self, captured["h"], ids, rows, positions, boxes)
+            turns = batch.turns.to(self.device) if batch.turns is not None else None
+            rows, positions, boxes = answer_attention_targets(ids, batch.labels.to(self.device), is_loc, loc_boxes,
+                                                              turns)
+            losses["answer_attention"] = grounding_attention_loss(self, captured["h"], ids, rows, positions, boxes,
+                                                                  packing)
             total = total + weights.answer_attention * losses["answer_attention"]
         if "mask" in losses:
             total = total + losses["mask"]

@@ -46,6 +46,32 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     loc_boxes: list[list[float]]  # one normalised xyxy box per location token, in order
+    # Which turn each token belongs to: 0 for the image prefix, k >= 1 for turn k.
+    # Turns of a packed example see the prefix and themselves, never each other.
+    turns: list[int] = field(default_factory=list)
+
+
+def pack_turns(examples: list[Example], prefix_len: int) -> Example:
+    """Several single-turn examples about one image as one row: the shared prefix
+    once, then each question + answer as its own turn.
+
+    Why: the image's tokens are most of a row (100 of ~160 in the tiny preset);
+    packing 4 turns per image trains on 2.8x the samples per second
+    (training/README.md). Each turn is masked from the others and starts at the
+    position the prefix ends at, so it computes exactly what the predictor
+    computes for that question alone on the frame's cached prefix (checked by
+    test_packed_turns_compute_what_single_turns_do).
+    """
+    first = examples[0]
+    packed = Example(list(first.input_ids[:prefix_len]), list(first.labels[:prefix_len]), [], [0] * prefix_len)
+    for k, e in enumerate(examples, start=1):
+        if e.input_ids[:prefix_len] != packed.input_ids[:prefix_len] or any(t > 1 for t in e.turns):
+            raise ValueError("only single-turn examples with the same image prefix can be packed")
+        packed.input_ids += e.input_ids[prefix_len:]
+        packed.labels += e.labels[prefix_len:]
+        packed.loc_boxes += e.loc_boxes
+        packed.turns += [k] * (len(e.input_ids) - prefix_len)
+    return packed
 
 
 class PromptBuilder:
@@ -95,7 +121,7 @@ class PromptBuilder:
         labels = [-100] * context + [-100 if t == self.tok.location_id else t for t in a.ids]
         boxes = [list(map(float, regions[i])) for _, i in sorted(q.locations.items())]
         boxes += [list(map(float, answer_boxes[i])) for _, i in sorted(a.locations.items())]
-        return Example(ids, labels, boxes)
+        return Example(ids, labels, boxes, [0] * len(prefix) + [1] * (len(ids) - len(prefix)))
 
     # --- helpers -------------------------------------------------------------------
     def validate_text(self, text: str) -> str:

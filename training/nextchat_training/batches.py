@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, Sampler
 from nextchat_ros.images import pixels_to_normalized
 from nextchat_ros.model.config import NextChatConfig
 from nextchat_ros.model.nextchat import TrainingBatch, collate
-from nextchat_ros.model.prompt import PromptBuilder
+from nextchat_ros.model.prompt import PromptBuilder, pack_turns
 from nextchat_ros.model.sam import preprocess_image as sam_preprocess
 from nextchat_ros.model.sam import target_masks
 from nextchat_ros.model.vision import preprocess_image as vision_preprocess
@@ -18,37 +18,46 @@ from nextchat_ros.model.vision import preprocess_image as vision_preprocess
 from .data import SyntheticTabletop
 
 
-def encode_item(image: np.ndarray, question: str, answer: str, regions, answer_boxes, masks,
-                prompt: PromptBuilder, config: NextChatConfig, with_masks: bool) -> dict:
-    """Model inputs of one sample. Boxes in pixels of ``image``; ``masks`` (one per
-    answer box, image-sized bool) or None."""
+def encode_item(image: np.ndarray, turns: list[tuple], prompt: PromptBuilder, config: NextChatConfig,
+                with_masks: bool) -> dict:
+    """Model inputs of one image and its turns, each ``(question, answer, regions,
+    answer_boxes, masks)``: boxes in pixels of ``image``, ``masks`` one image-sized
+    bool array per answer box, or None. Several turns are packed into one row
+    (prompt.pack_turns)."""
     h, w = image.shape[:2]
-    regions = [pixels_to_normalized(b, h, w) for b in regions]
-    boxes = [pixels_to_normalized(b, h, w) for b in answer_boxes]
-    example = prompt.training_example(question, answer, regions, boxes)
+    examples, all_masks = [], []
+    for question, answer, regions, answer_boxes, masks in turns:
+        regions = [pixels_to_normalized(b, h, w) for b in regions]
+        boxes = [pixels_to_normalized(b, h, w) for b in answer_boxes]
+        examples.append(prompt.training_example(question, answer, regions, boxes))
+        all_masks += list(masks) if masks is not None else []
+    example = examples[0] if len(examples) == 1 else pack_turns(examples, len(prompt.prefix()))
     pixels = torch.from_numpy(np.ascontiguousarray(image).copy())
     item = {"example": example, "vision_pixels": vision_preprocess(pixels, config.vision)}
     if with_masks:
         item["sam_pixels"] = sam_preprocess(pixels, config.sam)
-        item["mask_targets"] = (target_masks(torch.from_numpy(np.stack(masks)), config.sam)[:, 0]
-                                if masks is not None and len(masks) else None)
+        item["mask_targets"] = (target_masks(torch.from_numpy(np.stack(all_masks)), config.sam)[:, 0]
+                                if all_masks else None)
     return item
 
 
 class SyntheticItems(Dataset):
-    """Item i of a split's synthetic stream, encoded for the model."""
+    """Item i of a split's synthetic stream, encoded for the model: scene i with
+    ``turns_per_image`` samples about it, packed into one row when more than one."""
 
-    def __init__(self, stream: SyntheticTabletop, prompt: PromptBuilder, config: NextChatConfig, with_masks: bool):
+    def __init__(self, stream: SyntheticTabletop, prompt: PromptBuilder, config: NextChatConfig, with_masks: bool,
+                 turns_per_image: int = 1):
         self.stream, self.prompt, self.config, self.with_masks = stream, prompt, config, with_masks
+        self.turns_per_image = turns_per_image
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, index: int) -> dict:
-        scene, sample = self.stream.item(index)
-        masks = [o.mask for o in sample.answer_objects]
-        return encode_item(scene.image, sample.question, sample.answer, sample.regions, sample.answer_boxes,
-                           masks, self.prompt, self.config, self.with_masks)
+        scene, samples = self.stream.scene_samples(index, self.turns_per_image)
+        turns = [(s.question, s.answer, s.regions, s.answer_boxes, [o.mask for o in s.answer_objects])
+                 for s in samples]
+        return encode_item(scene.image, turns, self.prompt, self.config, self.with_masks)
 
 
 class RealItems(Dataset):
@@ -72,8 +81,8 @@ class RealItems(Dataset):
         sample = self.samples[order[position]]
         with Image.open(sample.image_path) as img:
             image = np.asarray(img.convert("RGB"))
-        return encode_item(image, sample.question, sample.answer, sample.regions, sample.answer_boxes,
-                           sample.masks, self.prompt, self.config, self.with_masks)
+        turn = (sample.question, sample.answer, sample.regions, sample.answer_boxes, sample.masks)
+        return encode_item(image, [turn], self.prompt, self.config, self.with_masks)
 
 
 class StreamSampler(Sampler):

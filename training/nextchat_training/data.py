@@ -182,7 +182,13 @@ def make_sample(scene: Scene, task: str, rng: np.random.Generator) -> Sample | N
                           answer_objects=matches, truth={"label": "yes", "strategy": "positive"})
         strategy = ("random", "popular", "adversarial")[int(rng.integers(3))]
         color, kind = _absent(scene, rng, strategy)
-        return Sample(task, f"is there a {color} {kind} in the image?", "no.",
+        # A "no" grounds the look-alikes it was told apart from (the asked kind in
+        # another colour, else the asked colour on another kind), so the decision is
+        # made looking at them, as a "yes" is made looking at its matches.
+        alike = ([o for o in objs if o.kind == kind] or [o for o in objs if o.color == color])[:3]
+        answer = "no." if not alike else "no. there is " + _join(
+            [f"the {o.color} {o.kind} [{k}]" for k, o in enumerate(alike)]) + "."
+        return Sample(task, f"is there a {color} {kind} in the image?", answer, answer_objects=alike,
                       truth={"label": "no", "strategy": strategy})
     if task == "instruction":
         named = [(o, n) for o in objs if (n := _simple_name(scene, o))]
@@ -238,12 +244,23 @@ class SyntheticTabletop:
         self.height, self.width = height, width
 
     def item(self, index: int) -> tuple[Scene, Sample]:
+        scene, samples = self.scene_samples(index, 1)
+        return scene, samples[0]
+
+    def scene_samples(self, index: int, count: int) -> tuple[Scene, list[Sample]]:
+        """Scene ``index`` and ``count`` samples about it, each of a task drawn anew;
+        the first is ``item(index)``'s sample."""
         seed = SPLIT_SEED[self.split] + index
         rng = np.random.default_rng([seed, 17])
-        first = int(rng.choice(len(self.tasks), p=self.probs))
-        scene = render_scene(seed, height=self.height, width=self.width)
-        for k in range(len(self.tasks)):  # fall back to the next task if a scene cannot give this one
-            sample = make_sample(scene, self.tasks[(first + k) % len(self.tasks)], rng)
-            if sample is not None:
-                return scene, sample
-        raise RuntimeError(f"scene {seed} gives no sample")  # a scene always has >= 1 object
+        scene = render_scene(seed, height=self.height, width=self.width)  # its own generator
+        samples = []
+        for _ in range(count):
+            first = int(rng.choice(len(self.tasks), p=self.probs))
+            for k in range(len(self.tasks)):  # fall back to the next task if a scene cannot give this one
+                sample = make_sample(scene, self.tasks[(first + k) % len(self.tasks)], rng)
+                if sample is not None:
+                    samples.append(sample)
+                    break
+            else:
+                raise RuntimeError(f"scene {seed} gives no sample")  # a scene always has >= 1 object
+        return scene, samples

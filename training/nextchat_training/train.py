@@ -69,6 +69,9 @@ class StageConfig:
     trainable: list[str] = field(default_factory=lambda: list(MODULES))
     masks: bool = False
     tasks: dict[str, float] | None = None  # synthetic task weights
+    # Synthetic samples per scene, packed into one row (the image's tokens once);
+    # batch_size counts rows.
+    turns_per_image: int = 1
     # Real data instead of the synthetic stream: a list of
     # {jsonl: PATH, task: rec|reg|gc|vqa, image_root: DIR} or {coco: PATH, image_root: DIR}.
     data: list[dict] | None = None
@@ -95,6 +98,8 @@ class StageConfig:
             raise ValueError(f"{path}: unknown modules in 'trainable': {bad}; known: {MODULES}")
         if stage.kind not in ("lm", "sam", "vision"):
             raise ValueError(f"{path}: kind must be 'lm', 'sam' or 'vision'")
+        if stage.turns_per_image < 1:
+            raise ValueError(f"{path}: turns_per_image must be >= 1")
         return stage
 
 
@@ -357,7 +362,8 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
         dataset = RealItems(load_real_samples(stage.data), model.prompt, model.config, stage.masks, seed)
         collate_fn = Collator(model.tokenizer.eos_id)
     else:
-        dataset = SyntheticItems(stream, model.prompt, model.config, with_masks=stage.masks)
+        dataset = SyntheticItems(stream, model.prompt, model.config, with_masks=stage.masks,
+                                 turns_per_image=stage.turns_per_image)
         collate_fn = Collator(model.tokenizer.eos_id)
     sampler = StreamSampler(step * per_step, rank, world)
     loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=sampler, collate_fn=collate_fn,
@@ -397,7 +403,7 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
             for k in LOSS_TERMS:
                 if k in losses:
                     running[k] = running.get(k, 0.0) + losses[k].item() / stage.grad_accum
-            samples += stage.batch_size * world
+            samples += stage.batch_size * world * stage.turns_per_image
         torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
         optimizer.step()
         scheduler.step()
