@@ -122,7 +122,7 @@ class LossConfig:
     # fraction of their size, since at inference the box comes from the decoder.
     mask_box_jitter: float = 0.0
     # Training only (0 = off, as released): weight of the grounding-attention loss
-    # (nextchat.grounding_attention_loss), which teaches one attention head of the
+    # (nextchat.grounding_attention_nll), which teaches one attention head of the
     # LLM's last layer to look, from each trigger and location token, at the image
     # patches its box covers.
     grounding_attention: float = 0.0

@@ -118,12 +118,12 @@ def capture_layer_input(store: dict):
     return hook
 
 
-def grounding_attention_loss(model: NextChatModel, layer_input: torch.Tensor, ids: torch.Tensor,
-                             rows: torch.Tensor, positions: torch.Tensor, boxes: torch.Tensor,
-                             packing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """-log of the attention mass that head 0 of the LLM's last layer puts on the
+def grounding_attention_nll(model: NextChatModel, layer_input: torch.Tensor, ids: torch.Tensor,
+                            rows: torch.Tensor, positions: torch.Tensor, boxes: torch.Tensor,
+                            packing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(N,) -log of the attention mass that head 0 of the LLM's last layer puts on the
     image patches under ``boxes[i]``, queried from token ``positions[i]`` of row
-    ``rows[i]`` (a training-only auxiliary loss; inference is unchanged).
+    ``rows[i]``: the grounding-attention losses (training only; inference is unchanged).
 
     Why: pixel2emb decodes a box from what the trigger's hidden state gathered.
     Trained from scratch, the LLM finds *where to look* only after a long
@@ -133,14 +133,14 @@ def grounding_attention_loss(model: NextChatModel, layer_input: torch.Tensor, id
     output for rows of packed turns.
     """
     if len(rows) == 0:
-        return layer_input.sum() * 0.0
+        return layer_input.new_zeros(0)
     probs = last_layer_head0_attention(model, layer_input, rows, positions, packing)
     patch = ids == model.tokenizer.image_patch_id
     patch_positions = patch.nonzero(as_tuple=True)[1].view(len(ids), -1)[rows]  # (N, P)
     grid = model.config.vision.image_size // model.config.vision.patch_size
     cover = patch_coverage(boxes.float(), grid)
     mass = (probs.gather(1, patch_positions) * cover).sum(-1)
-    return -(mass + 1e-6).log().mean()
+    return -(mass + 1e-6).log()
 
 
 def answer_attention_targets(ids: torch.Tensor, labels: torch.Tensor, is_loc: torch.Tensor, loc_boxes: torch.Tensor,
@@ -346,20 +346,24 @@ class NextChatModel(nn.Module):
             losses["mask"] = self._mask_loss(batch, b_idx, trig_hidden, pred_raw, targets)
 
         total = weights.lm * losses["lm"] + losses["box"] + weights.cycle * losses["cycle"]
-        if supervise_attention and weights.grounding_attention > 0:
-            # Every location token looks at its own box; every trigger at the box it grounds.
-            loc_b, loc_t = is_loc.nonzero(as_tuple=True)
-            losses["attention"] = grounding_attention_loss(
-                self, captured["h"], ids, torch.cat([b_idx, loc_b]), torch.cat([t_idx, loc_t]),
-                torch.cat([targets, loc_boxes]), packing)
-            total = total + weights.grounding_attention * losses["attention"]
-        if supervise_attention and weights.answer_attention > 0:
-            turns = batch.turns.to(self.device) if batch.turns is not None else None
-            rows, positions, boxes = answer_attention_targets(ids, batch.labels.to(self.device), is_loc, loc_boxes,
-                                                              turns)
-            losses["answer_attention"] = grounding_attention_loss(self, captured["h"], ids, rows, positions, boxes,
-                                                                  packing)
-            total = total + weights.answer_attention * losses["answer_attention"]
+        if supervise_attention:
+            # (loss name, weight, (rows, positions, boxes)) of each grounding-attention loss.
+            terms = []
+            if weights.grounding_attention > 0:
+                # Every location token looks at its own box; every trigger at the box it grounds.
+                loc_b, loc_t = is_loc.nonzero(as_tuple=True)
+                terms.append(("attention", weights.grounding_attention,
+                              (torch.cat([b_idx, loc_b]), torch.cat([t_idx, loc_t]), torch.cat([targets, loc_boxes]))))
+            if weights.answer_attention > 0:
+                turns = batch.turns.to(self.device) if packing is not None else None
+                terms.append(("answer_attention", weights.answer_attention,
+                              answer_attention_targets(ids, batch.labels.to(self.device), is_loc, loc_boxes, turns)))
+            # One pass over the last layer's queries and keys for every term.
+            rows, positions, boxes = (torch.cat(parts) for parts in zip(*(t[2] for t in terms)))
+            nll = grounding_attention_nll(self, captured["h"], ids, rows, positions, boxes, packing)
+            for (name, weight, _), part in zip(terms, nll.split([len(t[2][0]) for t in terms])):
+                losses[name] = part.mean() if len(part) else captured["h"].sum() * 0.0
+                total = total + weight * losses[name]
         if "mask" in losses:
             total = total + losses["mask"]
         losses["loss"] = total
