@@ -25,7 +25,7 @@ import numpy as np
 
 from nextchat_ros.model.build import DEFAULT_MODEL_DIR
 from nextchat_ros.msg import GroundingResult, Query
-from nextchat_ros.ros_client import GroundingClient, image_msg
+from nextchat_ros.ros_client import GroundingClient
 from nextchat_ros.scenes import render_scene
 
 QUERIES = ["where is the red cube?", "pick up the blue ball.", "is there a green cup in the image?",
@@ -67,14 +67,7 @@ def main() -> None:
         received[msg.query_id] = (time.perf_counter(), msg.status, msg.error)
     client.node.create_subscription(GroundingResult, f"{namespace}/result", on_result, 1000)
 
-    def camera() -> None:
-        period, k, t_next = 1.0 / args.camera_hz, 0, time.perf_counter()
-        while not stop.is_set():
-            client.image_pub.publish(image_msg(frames[(k // 30) % len(frames)], time.time_ns()))
-            k += 1
-            t_next += period
-            time.sleep(max(0.0, t_next - time.perf_counter()))
-    threading.Thread(target=camera, daemon=True).start()
+    client.start_camera(frames, args.camera_hz, stop)
 
     samples = []
     def sampler(phase: str, seconds: float) -> None:

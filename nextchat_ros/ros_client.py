@@ -52,6 +52,21 @@ class GroundingClient:
             self.results.append(msg)
             self._cond.notify_all()
 
+    def start_camera(self, frames: list[np.ndarray], hz: float, stop: threading.Event) -> threading.Thread:
+        """Publish ``frames`` on the image topic at ``hz`` from a background thread,
+        each for one second in turn, stamped when sent, until ``stop`` is set."""
+        def run() -> None:
+            k, t_next = 0, time.perf_counter()
+            while not stop.is_set():
+                self.image_pub.publish(image_msg(frames[int(k / hz) % len(frames)], time.time_ns()))
+                k += 1
+                t_next += 1.0 / hz
+                time.sleep(max(0.0, t_next - time.perf_counter()))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
     def wait_for_node(self, timeout: float = 90.0) -> None:
         assert self.client.wait_for_service(timeout_sec=timeout), "the node's ground service never appeared"
         deadline = time.monotonic() + timeout

@@ -269,14 +269,6 @@ def test_a_30hz_camera_does_not_starve_queries():
     stop = threading.Event()
     frames = [render_scene(s, height=480, width=640).image for s in range(3)]
 
-    def camera() -> None:
-        k, t_next = 0, time.monotonic()
-        while not stop.is_set():
-            client.image_pub.publish(image_msg(frames[(k // 30) % len(frames)], time.time_ns()))
-            k += 1
-            t_next += 1 / 30
-            time.sleep(max(0.0, t_next - time.monotonic()))
-
     sent, received = {}, {}
     client.node.create_subscription(GroundingResult, f"{ns}/result",
                                     lambda r: received.setdefault(r.query_id, time.monotonic()), 100)
@@ -292,7 +284,7 @@ def test_a_30hz_camera_does_not_starve_queries():
             unloaded.append(time.monotonic() - t0)
         unloaded_s = sorted(unloaded)[2]
         interval_s = max(0.2, 3 * unloaded_s)
-        threading.Thread(target=camera, daemon=True).start()
+        client.start_camera(frames, 30, stop)
         time.sleep(1.0)
         for k in range(30):
             qid = f"load-{k}"
