@@ -6,7 +6,8 @@ both turn each answer into a :class:`Prediction`, each truth into a
 :class:`Truth`, and add them to a :class:`Scoreboard`, so a figure means the
 same thing whichever path produced it.
 
-Metrics: REC Acc@0.5 and mean IoU, mask mIoU and cIoU (REC samples), POPE-style
+Metrics: REC Acc@0.5 and mean IoU (also per kind of referring expression where
+the truth names it), mask mIoU and cIoU (REC samples), POPE-style
 yes/no accuracy / precision / recall / F1 (and accuracy per negative strategy),
 region-caption attribute accuracy (colour and kind both right, and each alone),
 counting, colour-VQA and instruction target Acc@0.5, multi-object and grounded
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scenes import COLORS, KINDS
+from .scenes import COLORS, KINDS, SIZES
 
 NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight"]
 # Tasks whose reference answer is fixed text worth comparing word for word.
@@ -72,6 +73,24 @@ def greedy_matches(pred_boxes, true_boxes, threshold: float = 0.5) -> int:
     return hits
 
 
+def expression_type(expression: str) -> str:
+    """The kind of a synthetic referring expression (``training/`` data's grammar),
+    e.g. "ring left of the red cube" -> "relation", "green object" -> "color object",
+    "smallest object" -> "smallest object", "leftmost cup" -> "leftmost kind"."""
+    said = expression.split()
+    if any(f" {r} the " in f" {expression} " for r in ("left of", "right of", "behind")):
+        return "relation"
+    if expression.startswith("object nearest to"):
+        return "nearest to anchor"
+    if said[0] in ("leftmost", "rightmost", "largest", "smallest", "nearest"):
+        return f"{said[0]} " + ("object" if said[-1] == "object" else "kind")
+    if said[-1] == "object":
+        return "color object"
+    if len(said) == 1:
+        return "kind"
+    return "size kind" if said[0] in SIZES else "color kind"
+
+
 def said_yes(text: str) -> bool:
     return words(text)[:1] == ["yes"]
 
@@ -83,6 +102,7 @@ class Scoreboard:
         self.values: dict[str, list[float]] = defaultdict(list)
         self.counts: dict[str, int] = defaultdict(int)
         self.pope: dict[str, int] = defaultdict(int)
+        self.rec_by_expression: dict[str, list[bool]] = defaultdict(list)
         self.inter_sum = 0
         self.union_sum = 0
 
@@ -99,6 +119,8 @@ class Scoreboard:
             own["iou"] = iou
             acc["rec_acc@0.5"].append(iou >= 0.5)
             acc["rec_mean_iou"].append(iou)
+            if truth.info.get("expression"):
+                self.rec_by_expression[expression_type(truth.info["expression"])].append(iou >= 0.5)
             if truth.masks:
                 true_mask = truth.masks[0]
                 pred_mask = pred.masks[0] if pred.masks else np.zeros_like(true_mask)
@@ -154,6 +176,10 @@ class Scoreboard:
             recall = tp / (tp + fn) if tp + fn else 0.0
             metrics.update(pope_precision=precision, pope_recall=recall,
                            pope_f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+        if self.rec_by_expression:  # which referring expressions the boxes fail on
+            by_count = sorted(self.rec_by_expression.items(), key=lambda kv: -len(kv[1]))
+            metrics["rec_acc@0.5_by_expression"] = {k: round(float(np.mean(v)), 3) for k, v in by_count}
+            metrics["rec_count_by_expression"] = {k: len(v) for k, v in by_count}
         metrics["num_samples"] = sum(self.counts.values())
         metrics["task_counts"] = dict(sorted(self.counts.items()))
         return metrics

@@ -46,6 +46,26 @@ def test_packed_items_hold_every_samples_turn_and_masks(tiny_model):
     assert item["mask_targets"].shape[0] == len(example.loc_boxes)
 
 
+def test_object_patch_targets_cover_each_object_exactly(tiny_model):
+    from nextchat_training.batches import SyntheticItems, object_patch_targets
+
+    from nextchat_ros.scenes import KINDS
+
+    scene = render_scene(3, num_objects=(4, 6))
+    cover, colors, kinds = object_patch_targets(scene, tiny_model.config)
+    h, w = scene.image.shape[:2]
+    grid = tiny_model.config.vision.image_size // tiny_model.config.vision.patch_size
+    patch_area = (max(h, w) / grid) ** 2  # patches of the square-padded image
+    np.testing.assert_allclose(cover.sum(1).numpy() * patch_area, [o.area for o in scene.objects], rtol=1e-4)
+    assert float(cover.max()) <= 1.0 and float(cover.sum(0).max()) <= 1.0 + 1e-5  # visible masks never overlap
+    assert [list(COLORS)[c - 1] for c in colors] == [o.color for o in scene.objects]
+    assert [KINDS[k - 1] for k in kinds] == [o.kind for o in scene.objects]
+    stream = SyntheticTabletop("train")
+    items = SyntheticItems(stream, tiny_model.prompt, tiny_model.config, with_masks=False, with_objects=True)
+    assert "objects" in items[4] and "objects" not in SyntheticItems(stream, tiny_model.prompt, tiny_model.config,
+                                                                     with_masks=False)[4]
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_boxes_and_masks_are_exact_including_occlusion(seed):
     scene = render_scene(seed, num_objects=(4, 6))
@@ -110,6 +130,28 @@ def test_referring_expressions_name_one_object():
                         matches = [o for o in scene.objects if (o.color, o.kind) == (words[0], words[1])
                                    or (o.size, o.kind) == (words[0], words[1])]
                     assert matches == [obj], expr
+
+
+def test_rec_accuracy_is_reported_per_kind_of_referring_expression():
+    from nextchat_ros.scoring import Prediction, Scoreboard, Truth, expression_type
+
+    seen = {expression_type(e) for seed in range(80) for scene in [render_scene(seed)]
+            for o in scene.objects for e in referring_expressions(scene, o)}
+    assert seen == {"kind", "color kind", "color object", "size kind", "relation", "nearest to anchor",
+                    "leftmost kind", "rightmost kind", "leftmost object", "rightmost object", "largest object",
+                    "smallest object", "nearest object"}
+    assert expression_type("cup behind the red cube") == "relation"
+    assert expression_type("object nearest to the ring") == "nearest to anchor"
+    box = [10, 10, 50, 50]
+    board = Scoreboard()
+    board.add(Truth("rec", boxes=[box], info={"expression": "green object"}), Prediction("", [box]))
+    board.add(Truth("rec", boxes=[box], info={"expression": "blue object"}), Prediction("", [[60, 60, 90, 90]]))
+    board.add(Truth("rec", boxes=[box], info={"expression": "cup left of the cube"}), Prediction("", [box]))
+    board.add(Truth("rec", boxes=[box]), Prediction("", [box]))  # real data: no expression to sort by
+    metrics = board.summary()
+    assert metrics["rec_acc@0.5"] == 0.75
+    assert metrics["rec_acc@0.5_by_expression"] == {"color object": 0.5, "relation": 1.0}
+    assert metrics["rec_count_by_expression"] == {"color object": 2, "relation": 1}
 
 
 def test_a_no_grounds_the_look_alikes_it_was_told_apart_from():

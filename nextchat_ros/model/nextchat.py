@@ -303,7 +303,8 @@ class NextChatModel(nn.Module):
 
     # --- training ---------------------------------------------------------------------
     def forward(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
-        """All losses of one batch. Returns ``loss`` (weighted total) and each term."""
+        """All losses of one batch. Returns ``loss`` (weighted total) and each term,
+        and for training's own use ``pred_boxes``, ``target_boxes`` and ``image_embeds``."""
         weights = self.config.loss
         tok = self.tokenizer
         ids = batch.input_ids.to(self.device)
@@ -369,6 +370,7 @@ class NextChatModel(nn.Module):
         losses["loss"] = total
         losses["pred_boxes"] = BoxDecoder.to_valid_box(pred_raw.detach())
         losses["target_boxes"] = targets.detach()
+        losses["image_embeds"] = image_embeds  # with its graph: training/ adds losses on the image tokens
         return losses
 
     def _mask_loss(self, batch, b_idx, trig_hidden, pred_raw, targets) -> torch.Tensor:

@@ -18,6 +18,26 @@ from nextchat_ros.model.vision import preprocess_image as vision_preprocess
 from .data import SyntheticTabletop
 
 
+def object_patch_targets(scene, config: NextChatConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each listed object's share of each image patch (K, g*g; the fraction of the
+    patch its visible mask covers), its colour (K,) and its kind (K,), labels
+    counted from 1 (0 is 'no object'), on the square-padded image the vision
+    tower sees."""
+    from nextchat_ros.images import square_padding
+    from nextchat_ros.scenes import COLORS, KINDS
+
+    h, w = scene.image.shape[:2]
+    side, left, top = square_padding(h, w)
+    grid = config.vision.image_size // config.vision.patch_size
+    masks = np.zeros((len(scene.objects), side, side), np.float32)
+    for k, o in enumerate(scene.objects):
+        masks[k, top:top + h, left:left + w] = o.mask
+    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(masks), grid).flatten(1)
+    colors = torch.tensor([list(COLORS).index(o.color) + 1 for o in scene.objects], dtype=torch.long)
+    kinds = torch.tensor([KINDS.index(o.kind) + 1 for o in scene.objects], dtype=torch.long)
+    return cover, colors, kinds
+
+
 def encode_item(image: np.ndarray, turns: list[tuple], prompt: PromptBuilder, config: NextChatConfig,
                 with_masks: bool) -> dict:
     """Model inputs of one image and its turns, each ``(question, answer, regions,
@@ -46,9 +66,11 @@ class SyntheticItems(Dataset):
     ``turns_per_image`` samples about it, packed into one row when more than one."""
 
     def __init__(self, stream: SyntheticTabletop, prompt: PromptBuilder, config: NextChatConfig, with_masks: bool,
-                 turns_per_image: int = 1):
+                 turns_per_image: int = 1, with_objects: bool = False):
+        """``with_objects``: each item also carries its scene's object_patch_targets
+        (for the image-token attribute loss)."""
         self.stream, self.prompt, self.config, self.with_masks = stream, prompt, config, with_masks
-        self.turns_per_image = turns_per_image
+        self.turns_per_image, self.with_objects = turns_per_image, with_objects
 
     def __len__(self) -> int:
         return 2**62
@@ -57,7 +79,10 @@ class SyntheticItems(Dataset):
         scene, samples = self.stream.scene_samples(index, self.turns_per_image)
         turns = [(s.question, s.answer, s.regions, s.answer_boxes, [o.mask for o in s.answer_objects])
                  for s in samples]
-        return encode_item(scene.image, turns, self.prompt, self.config, self.with_masks)
+        item = encode_item(scene.image, turns, self.prompt, self.config, self.with_masks)
+        if self.with_objects:
+            item["objects"] = object_patch_targets(scene, self.config)
+        return item
 
 
 class RealItems(Dataset):
@@ -103,6 +128,8 @@ class StreamSampler(Sampler):
 
 
 class Collator:
+    """Items -> (TrainingBatch, each row's object_patch_targets or None)."""
+
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
@@ -110,4 +137,6 @@ class Collator:
         vision = torch.stack([i["vision_pixels"] for i in items])
         sam = torch.stack([i["sam_pixels"] for i in items]) if "sam_pixels" in items[0] else None
         masks = [i["mask_targets"] for i in items] if "sam_pixels" in items[0] else None
-        return collate([i["example"] for i in items], self.pad_id, vision, sam, masks)
+        batch = collate([i["example"] for i in items], self.pad_id, vision, sam, masks)
+        objects = [i["objects"] for i in items] if "objects" in items[0] else None
+        return batch, objects
