@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -149,6 +150,45 @@ def test_two_process_ddp_training_step_on_cpu(tmp_path):
     assert step == 2
     rows = losses(tmp_path / "out/ddp/metrics.csv")
     assert len(rows) == 2 and all(float(r) > 0 for r in rows)
+
+
+RANKS_AGREE = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from nextchat_training.train import StageConfig, init_distributed, train_stage
+from nextchat_ros.model import build_model
+
+init_distributed(torch.device("cpu"))
+stage = StageConfig(**{KIND_AND_TRAINABLE}, name="s", steps=2, batch_size=2, log_every=1, save_every=2,
+                    num_workers=0, image_height=96, image_width=128)
+model = train_stage(build_model("tiny", seed=0), stage, Path(sys.argv[1]) / str(dist.get_rank()), progress=False)
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+if dist.get_rank() == 0:
+    print("max difference between ranks", float((gathered[0] - gathered[1]).abs().max()))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("kind", ["vision", "sam"])
+def test_two_process_stages_outside_ddp_keep_the_ranks_identical(tmp_path, kind):
+    """The vision and sam stages call the model directly (not through DDP); the loop
+    averages their gradients itself, so both ranks, each on its own share of the
+    data, end with the same weights."""
+    trainable = {"vision": ["vision_tower"], "sam": ["sam.mask_decoder"]}[kind]
+    script = tmp_path / "ranks_agree.py"
+    script.write_text(RANKS_AGREE.replace("{KIND_AND_TRAINABLE}", repr({"kind": kind, "trainable": trainable})))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+                          str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    difference = re.search(r"max difference between ranks (\S+)", run.stdout)
+    assert difference and float(difference.group(1)) == 0.0, run.stdout[-2000:]
 
 
 def test_a_short_training_run_lowers_the_loss_and_raises_held_out_iou(tmp_path):
