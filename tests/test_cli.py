@@ -57,3 +57,17 @@ def test_ground_errors_are_one_clear_line(saved_tiny, scene, tmp_path):
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     out = nextchat("ground", "--model", tmp_path / "no-model", "--image", image, "--query", "hi")
     assert out.returncode == 2 and "model directory not found" in out.stderr
+
+
+def test_evaluate_one_task_on_its_own_questions(saved_tiny):
+    from nextchat_training.data import TASKS
+
+    from nextchat_ros.commands.evaluate import TASKS as CHOICES
+
+    assert CHOICES == TASKS
+    out = nextchat("evaluate", "--model", saved_tiny, "--task", "pope", "--num-samples", 5, "--json")
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout)
+    assert metrics["task_counts"] == {"pope": 5} and 0.0 <= metrics["pope_accuracy"] <= 1.0
+    refused = nextchat("evaluate", "--model", saved_tiny, "--task", "juggling")
+    assert refused.returncode != 0 and "invalid choice" in refused.stderr
