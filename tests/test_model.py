@@ -1,5 +1,7 @@
 """Shapes of both presets, the training forward, and the presets' registry."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer
@@ -177,19 +179,27 @@ def test_packed_turns_compute_what_single_turns_do(tiny_model):
     examples = [model.prompt.training_example("describe [0].", "a red cube.", [region], []),
                 model.prompt.training_example("where are the red things?", "the red cube [0] and the ball [1].",
                                               [], [cube, ball]),
-                model.prompt.training_example("is there a green cup in the image?", "no.", [], [])]
+                model.prompt.training_example("is there a green cup in the image?", "no.", [], []),
+                # the anchor's name ("red cube", ending at character 33) looks at the cube
+                model.prompt.training_example("find the cup left of the red cube.", "Answer: [0] .", [], [ball],
+                                              look=[(33, cube)])]
     s, m = model.config.vision.image_size, model.config.sam.image_size
     vision, sam = torch.randn(1, 3, s, s), torch.randn(1, 3, m, m)
     low = model.config.sam.embedding_size * 4
-    masks = [None, (torch.rand(2, low, low) > 0.5).float(), None]
-    single = collate(examples, tok.eos_id, vision.expand(3, -1, -1, -1), sam.expand(3, -1, -1, -1), masks)
+    masks = [None, (torch.rand(2, low, low) > 0.5).float(), None, (torch.rand(1, low, low) > 0.5).float()]
+    single = collate(examples, tok.eos_id, vision.expand(4, -1, -1, -1), sam.expand(4, -1, -1, -1), masks)
     packed_example = pack_turns(examples, len(model.prompt.prefix()))
-    packed = collate([packed_example], tok.eos_id, vision, sam, [masks[1]])
-    assert packed.turns.max() == 3 and packed.input_ids.shape[1] < single.input_ids.numel()
+    packed = collate([packed_example], tok.eos_id, vision, sam, [torch.cat([masks[1], masks[3]])])
+    assert packed.turns.max() == 4 and packed.input_ids.shape[1] < single.input_ids.numel()
+    (position, _), = packed_example.look
+    assert tok.decode(packed_example.input_ids[position - 1:position + 1]).strip() == "red cube"
     with torch.no_grad():
         a, b = model(single), model(packed)
+        without_look = model(collate([*examples[:3], replace(examples[3], look=[])], tok.eos_id,
+                                     vision.expand(4, -1, -1, -1), sam.expand(4, -1, -1, -1), masks))
     for term in ("lm", "box", "cycle", "attention", "answer_attention", "mask", "pred_boxes"):
         assert torch.allclose(a[term], b[term], atol=1e-5), (term, a[term], b[term])
+    assert not torch.allclose(a["attention"], without_look["attention"], atol=1e-4)
 
 
 def test_only_single_turns_about_one_image_can_be_packed(tiny_model):

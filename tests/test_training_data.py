@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from nextchat_training.data import TASKS, SyntheticTabletop, make_sample, referring_expressions
 
+from nextchat_ros.images import pixels_to_normalized
 from nextchat_ros.scenes import COLORS, SIZES, render_scene
 
 
@@ -130,6 +131,44 @@ def test_referring_expressions_name_one_object():
                         matches = [o for o in scene.objects if (o.color, o.kind) == (words[0], words[1])
                                    or (o.size, o.kind) == (words[0], words[1])]
                     assert matches == [obj], expr
+
+
+def test_a_relations_anchor_name_in_the_question_looks_at_the_anchor(tiny_model):
+    from nextchat_training.batches import SyntheticItems
+
+    from nextchat_ros.scoring import expression_type
+
+    stream = SyntheticTabletop("train", {"rec": 1.0})
+    anchored = 0
+    for i in range(150):
+        scene, sample = stream.item(i)
+        expr, target = sample.truth["expression"], sample.answer_objects[0]
+        if expression_type(expr) not in ("relation", "nearest to anchor"):
+            assert sample.question_looks == []
+            continue
+        (end, anchor), = sample.question_looks
+        name = expr.split(" the ")[-1]
+        assert sample.question[:end].endswith(expr) and name in (anchor.kind, f"{anchor.color} {anchor.kind}")
+        assert anchor is not target and any(anchor is o for o in scene.objects)
+        if " left of " in expr:
+            assert target.center[0] < anchor.center[0]
+        elif " right of " in expr:
+            assert target.center[0] > anchor.center[0]
+        elif " behind " in expr:
+            assert target.center[1] < anchor.center[1]
+        anchored += 1
+    assert anchored >= 30
+    items = SyntheticItems(stream, tiny_model.prompt, tiny_model.config, with_masks=False, with_looks=True)
+    plain = SyntheticItems(stream, tiny_model.prompt, tiny_model.config, with_masks=False)
+    for i in range(20):
+        _scene, sample = stream.item(i)
+        example = items[i]["example"]
+        assert len(example.look) == len(sample.question_looks) and plain[i]["example"].look == []
+        for (position, box), (end, anchor) in zip(example.look, sample.question_looks):
+            last_word = sample.question[:end].split()[-1]
+            assert tiny_model.tokenizer.decode(example.input_ids[position:position + 1]).strip() == last_word
+            h, w = _scene.image.shape[:2]
+            np.testing.assert_allclose(box, pixels_to_normalized(anchor.box, h, w))
 
 
 def test_rec_accuracy_is_reported_per_kind_of_referring_expression():

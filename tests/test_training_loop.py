@@ -78,6 +78,8 @@ RESUMABLE_STAGES = {
     "packed": {"turns_per_image": 3, "masks": True, "trainable": ["llm", "seg_prompt_mlp", "sam.mask_decoder"]},
     # the image-token attribute heads train beside the model and resume with it
     "attributes": {"image_attributes": 1.0, "turns_per_image": 2},
+    # relations' anchor names look at their anchors
+    "anchors": {"anchor_attention": True, "tasks": {"rec": 1.0}, "turns_per_image": 2},
 }
 
 

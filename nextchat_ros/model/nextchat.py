@@ -65,6 +65,9 @@ class TrainingBatch:
     sam_pixels: torch.Tensor | None = None
     mask_targets: list[torch.Tensor | None] | None = None
     turns: torch.Tensor | None = None
+    # (rows, positions, boxes) of question tokens that should look at a box
+    # (prompt.Example.look), supervised with the grounding-attention loss.
+    look: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def collate(examples, pad_id: int, vision_pixels: torch.Tensor, sam_pixels: torch.Tensor | None = None,
@@ -83,7 +86,12 @@ def collate(examples, pad_id: int, vision_pixels: torch.Tensor, sam_pixels: torc
         turns[i, :len(e.input_ids)] = torch.tensor(e.turns) if e.turns else 1
         boxes += e.loc_boxes
     loc_boxes = torch.tensor(boxes, dtype=torch.float32).view(-1, 4)
-    return TrainingBatch(ids, attention, labels, vision_pixels, loc_boxes, sam_pixels, mask_targets, turns)
+    looks = [(i, t, box) for i, e in enumerate(examples) for t, box in e.look]
+    look = None
+    if looks:
+        rows, positions, look_boxes = zip(*looks)
+        look = (torch.tensor(rows), torch.tensor(positions), torch.tensor(look_boxes, dtype=torch.float32))
+    return TrainingBatch(ids, attention, labels, vision_pixels, loc_boxes, sam_pixels, mask_targets, turns, look)
 
 
 def packed_positions_and_mask(turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,10 +359,14 @@ class NextChatModel(nn.Module):
             # (loss name, weight, (rows, positions, boxes)) of each grounding-attention loss.
             terms = []
             if weights.grounding_attention > 0:
-                # Every location token looks at its own box; every trigger at the box it grounds.
+                # Every location token looks at its own box; every trigger at the box it
+                # grounds; a question token the batch names (a relation's anchor) at its box.
                 loc_b, loc_t = is_loc.nonzero(as_tuple=True)
+                look = [t.to(self.device) for t in batch.look] if batch.look is not None else \
+                    [b_idx[:0], t_idx[:0], targets[:0]]
                 terms.append(("attention", weights.grounding_attention,
-                              (torch.cat([b_idx, loc_b]), torch.cat([t_idx, loc_t]), torch.cat([targets, loc_boxes]))))
+                              (torch.cat([b_idx, loc_b, look[0]]), torch.cat([t_idx, loc_t, look[1]]),
+                               torch.cat([targets, loc_boxes, look[2].to(targets.dtype)]))))
             if weights.answer_attention > 0:
                 turns = batch.turns.to(self.device) if packing is not None else None
                 terms.append(("answer_attention", weights.answer_attention,

@@ -49,6 +49,9 @@ class Example:
     # Which turn each token belongs to: 0 for the image prefix, k >= 1 for turn k.
     # Turns of a packed example see the prefix and themselves, never each other.
     turns: list[int] = field(default_factory=list)
+    # (token index, normalised xyxy box): question tokens that should look at a box
+    # (training only: the last token of a relation's anchor name, at the anchor).
+    look: list[tuple[int, list[float]]] = field(default_factory=list)
 
 
 def pack_turns(examples: list[Example], prefix_len: int) -> Example:
@@ -67,6 +70,7 @@ def pack_turns(examples: list[Example], prefix_len: int) -> Example:
     for k, e in enumerate(examples, start=1):
         if e.input_ids[:prefix_len] != packed.input_ids[:prefix_len] or any(t > 1 for t in e.turns):
             raise ValueError("only single-turn examples with the same image prefix can be packed")
+        packed.look += [(len(packed.input_ids) + i - prefix_len, box) for i, box in e.look]
         packed.input_ids += e.input_ids[prefix_len:]
         packed.labels += e.labels[prefix_len:]
         packed.loc_boxes += e.loc_boxes
@@ -106,12 +110,16 @@ class PromptBuilder:
         """The fixed answer of the grounding fast path, up to and including the trigger."""
         return [*self.tok.encode(f" {GROUNDING_ANSWER}"), self.tok.trigger_id]
 
-    def training_example(self, question: str, answer: str, regions, answer_boxes) -> Example:
+    def training_example(self, question: str, answer: str, regions, answer_boxes, look=()) -> Example:
         """Token ids, LM labels and location boxes of one supervised turn.
 
         ``regions`` / ``answer_boxes``: normalised xyxy boxes referred to as [k] in
         the question / the answer. Only answer tokens are labelled; location tokens
         never are (they are forced at inference), trigger tokens always are.
+        ``look``: (character offset in the question, normalised box) pairs: the
+        token that ends there should look at the box (``Example.look``); pairs
+        whose offset is not a token boundary, or in a question with regions, are
+        dropped.
         """
         prefix = self.prefix()
         q = self.question(question, len(regions))
@@ -121,7 +129,16 @@ class PromptBuilder:
         labels = [-100] * context + [-100 if t == self.tok.location_id else t for t in a.ids]
         boxes = [list(map(float, regions[i])) for _, i in sorted(q.locations.items())]
         boxes += [list(map(float, answer_boxes[i])) for _, i in sorted(a.locations.items())]
-        return Example(ids, labels, boxes, [0] * len(prefix) + [1] * (len(ids) - len(prefix)))
+        example = Example(ids, labels, boxes, [0] * len(prefix) + [1] * (len(ids) - len(prefix)))
+        if look and not regions:
+            text = self.validate_text(question)
+            text_ids = self.tok.encode(text)
+            start = len(prefix) + len(self.tok.encode("\n"))  # where the question's text starts
+            for end, box in look:
+                head = self.tok.encode(text[:end])
+                if head and text_ids[:len(head)] == head:
+                    example.look.append((start + len(head) - 1, list(map(float, box))))
+        return example
 
     # --- helpers -------------------------------------------------------------------
     def validate_text(self, text: str) -> str:

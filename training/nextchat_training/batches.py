@@ -41,15 +41,17 @@ def object_patch_targets(scene, config: NextChatConfig) -> tuple[torch.Tensor, t
 def encode_item(image: np.ndarray, turns: list[tuple], prompt: PromptBuilder, config: NextChatConfig,
                 with_masks: bool) -> dict:
     """Model inputs of one image and its turns, each ``(question, answer, regions,
-    answer_boxes, masks)``: boxes in pixels of ``image``, ``masks`` one image-sized
-    bool array per answer box, or None. Several turns are packed into one row
-    (prompt.pack_turns)."""
+    answer_boxes, masks[, looks])``: boxes in pixels of ``image``, ``masks`` one
+    image-sized bool array per answer box, or None, ``looks`` (character offset in
+    the question, box) pairs (prompt.PromptBuilder.training_example). Several turns
+    are packed into one row (prompt.pack_turns)."""
     h, w = image.shape[:2]
     examples, all_masks = [], []
-    for question, answer, regions, answer_boxes, masks in turns:
+    for question, answer, regions, answer_boxes, masks, *looks in turns:
         regions = [pixels_to_normalized(b, h, w) for b in regions]
         boxes = [pixels_to_normalized(b, h, w) for b in answer_boxes]
-        examples.append(prompt.training_example(question, answer, regions, boxes))
+        look = [(end, pixels_to_normalized(b, h, w)) for end, b in (looks[0] if looks else [])]
+        examples.append(prompt.training_example(question, answer, regions, boxes, look))
         all_masks += list(masks) if masks is not None else []
     example = examples[0] if len(examples) == 1 else pack_turns(examples, len(prompt.prefix()))
     pixels = torch.from_numpy(np.ascontiguousarray(image).copy())
@@ -66,18 +68,20 @@ class SyntheticItems(Dataset):
     ``turns_per_image`` samples about it, packed into one row when more than one."""
 
     def __init__(self, stream: SyntheticTabletop, prompt: PromptBuilder, config: NextChatConfig, with_masks: bool,
-                 turns_per_image: int = 1, with_objects: bool = False):
+                 turns_per_image: int = 1, with_objects: bool = False, with_looks: bool = False):
         """``with_objects``: each item also carries its scene's object_patch_targets
-        (for the image-token attribute loss)."""
+        (for the image-token attribute loss). ``with_looks``: questions' anchor
+        names are to look at their anchors (Sample.question_looks)."""
         self.stream, self.prompt, self.config, self.with_masks = stream, prompt, config, with_masks
-        self.turns_per_image, self.with_objects = turns_per_image, with_objects
+        self.turns_per_image, self.with_objects, self.with_looks = turns_per_image, with_objects, with_looks
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, index: int) -> dict:
         scene, samples = self.stream.scene_samples(index, self.turns_per_image)
-        turns = [(s.question, s.answer, s.regions, s.answer_boxes, [o.mask for o in s.answer_objects])
+        turns = [(s.question, s.answer, s.regions, s.answer_boxes, [o.mask for o in s.answer_objects],
+                  [(end, o.box) for end, o in s.question_looks] if self.with_looks else [])
                  for s in samples]
         item = encode_item(scene.image, turns, self.prompt, self.config, self.with_masks)
         if self.with_objects:

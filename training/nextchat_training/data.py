@@ -33,6 +33,9 @@ class Sample:
     regions: list[np.ndarray] = field(default_factory=list)  # pixel xyxy, referred to as [k] in the question
     answer_objects: list[SceneObject] = field(default_factory=list)  # referred to as [k] in the answer
     truth: dict = field(default_factory=dict)  # what evaluation checks (label, attributes, count, ...)
+    # (character offset in the question, object): the question's words that end
+    # there name that object (a relation's anchor); training may supervise them.
+    question_looks: list[tuple[int, SceneObject]] = field(default_factory=list)
 
     @property
     def answer_boxes(self) -> list[np.ndarray]:
@@ -49,56 +52,62 @@ def _others(scene: Scene, target: SceneObject) -> list[SceneObject]:
 
 def referring_expressions(scene: Scene, target: SceneObject) -> list[str]:
     """Every expression from our grammar that names ``target`` and nothing else."""
+    return [expr for expr, _anchor in anchored_expressions(scene, target)]
+
+
+def anchored_expressions(scene: Scene, target: SceneObject) -> list[tuple[str, SceneObject | None]]:
+    """referring_expressions with, for each, the object it is relative to (None
+    for those that need none): an expression with an anchor ends with its name."""
     objs, others = scene.objects, _others(scene, target)
-    exprs = []
+    exprs: list[tuple[str, SceneObject | None]] = []
 
     def unique(pred) -> bool:
         return pred(target) and not any(pred(o) for o in others)
 
     if unique(lambda o: o.kind == target.kind):
-        exprs.append(target.kind)
+        exprs.append((target.kind, None))
     if unique(lambda o: o.kind == target.kind and o.color == target.color):
-        exprs.append(f"{target.color} {target.kind}")
+        exprs.append((f"{target.color} {target.kind}", None))
     if unique(lambda o: o.color == target.color):
-        exprs.append(f"{target.color} object")
+        exprs.append((f"{target.color} object", None))
     if unique(lambda o: o.kind == target.kind and o.size == target.size):
-        exprs.append(f"{target.size} {target.kind}")
+        exprs.append((f"{target.size} {target.kind}", None))
     same_kind = [o for o in objs if o.kind == target.kind]
     if len(same_kind) >= 2:
         xs = sorted(same_kind, key=lambda o: o.center[0])
         if target is xs[0]:
-            exprs.append(f"leftmost {target.kind}")
+            exprs.append((f"leftmost {target.kind}", None))
         if target is xs[-1]:
-            exprs.append(f"rightmost {target.kind}")
+            exprs.append((f"rightmost {target.kind}", None))
     if len(objs) >= 2:
         if target is max(objs, key=lambda o: o.area):
-            exprs.append("largest object")
+            exprs.append(("largest object", None))
         if target is min(objs, key=lambda o: o.area):
-            exprs.append("smallest object")
+            exprs.append(("smallest object", None))
         if target is min(objs, key=lambda o: o.center[0]):
-            exprs.append("leftmost object")
+            exprs.append(("leftmost object", None))
         if target is max(objs, key=lambda o: o.center[0]):
-            exprs.append("rightmost object")
+            exprs.append(("rightmost object", None))
         if target is max(objs, key=lambda o: o.center[1]):
-            exprs.append("nearest object")
+            exprs.append(("nearest object", None))
     for anchor in others:
         aname = _simple_name(scene, anchor)
         if aname is None:
             continue
         left = [o for o in others if o is not anchor and o.center[0] < anchor.center[0]]
         if target.center[0] < anchor.center[0] and not any(o.kind == target.kind for o in left):
-            exprs.append(f"{target.kind} left of the {aname}")
+            exprs.append((f"{target.kind} left of the {aname}", anchor))
         right = [o for o in others if o is not anchor and o.center[0] > anchor.center[0]]
         if target.center[0] > anchor.center[0] and not any(o.kind == target.kind for o in right):
-            exprs.append(f"{target.kind} right of the {aname}")
+            exprs.append((f"{target.kind} right of the {aname}", anchor))
         behind = [o for o in others if o is not anchor and o.center[1] < anchor.center[1]]
         if target.center[1] < anchor.center[1] and not any(o.kind == target.kind for o in behind):
-            exprs.append(f"{target.kind} behind the {aname}")
+            exprs.append((f"{target.kind} behind the {aname}", anchor))
         def dist(o, a=anchor):
             return float(np.hypot(o.center[0] - a.center[0], o.center[1] - a.center[1]))
         rest = [o for o in objs if o is not anchor]
         if len(rest) >= 2 and target is min(rest, key=dist):
-            exprs.append(f"object nearest to the {aname}")
+            exprs.append((f"object nearest to the {aname}", anchor))
     return exprs
 
 
@@ -136,12 +145,14 @@ def make_sample(scene: Scene, task: str, rng: np.random.Generator) -> Sample | N
     if not objs:
         return None
     if task == "rec":
-        choices = [(o, e) for o in objs for e in referring_expressions(scene, o)]
+        choices = [(o, e, a) for o in objs for e, a in anchored_expressions(scene, o)]
         if not choices:
             return None
-        target, expr = choices[int(rng.integers(len(choices)))]
+        target, expr, anchor = choices[int(rng.integers(len(choices)))]
         q = REC_QUESTIONS[int(rng.integers(len(REC_QUESTIONS)))].format(ref=expr)
-        return Sample(task, q, "Answer: [0] .", answer_objects=[target], truth={"expression": expr})
+        looks = [(q.index(expr) + len(expr), anchor)] if anchor is not None else []
+        return Sample(task, q, "Answer: [0] .", answer_objects=[target], truth={"expression": expr},
+                      question_looks=looks)
     if task == "multi":
         if rng.random() < 0.5:
             color = objs[int(rng.integers(len(objs)))].color

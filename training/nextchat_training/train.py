@@ -78,6 +78,9 @@ class StageConfig:
     mask_box_jitter: float = 0.0  # SAM is prompted with boxes jittered by this fraction of their size
     # Weight of the image-token attribute loss (ImageTokenAttributeHeads; synthetic data only).
     image_attributes: float = 0.0
+    # A relation's anchor name in the question looks at the anchor (grounding-attention
+    # loss, weight loss.grounding_attention; synthetic data only).
+    anchor_attention: bool = False
     mixed_precision: str = "auto"  # auto (bf16 where the device has it) | bf16 | no
     gradient_checkpointing: bool = False
     eval_every: int = 0
@@ -412,7 +415,8 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
         collate_fn = Collator(model.tokenizer.eos_id)
     else:
         dataset = SyntheticItems(stream, model.prompt, model.config, with_masks=stage.masks,
-                                 turns_per_image=stage.turns_per_image, with_objects=heads is not None)
+                                 turns_per_image=stage.turns_per_image, with_objects=heads is not None,
+                                 with_looks=stage.anchor_attention)
         collate_fn = Collator(model.tokenizer.eos_id)
     sampler = StreamSampler(step * per_step, rank, world)
     loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=sampler, collate_fn=collate_fn,
