@@ -25,6 +25,10 @@ import numpy as np
 
 from .scenes import COLORS, KINDS, SIZES
 
+# Every task of the synthetic tabletop data (training/nextchat_training/data.py),
+# which the Scoreboard scores; here so that the runtime (`nextchat evaluate --task`)
+# knows them without training/ installed.
+TASKS = ("rec", "multi", "region_caption", "grounded_caption", "count", "pope", "instruction", "color_vqa")
 NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight"]
 # Tasks whose reference answer is fixed text worth comparing word for word.
 EXACT_ANSWER_TASKS = ("count", "pope", "color_vqa", "region_caption", "vqa", "reg")

@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 
-# training/'s data.TASKS (a test keeps them equal): `nextchat --help` must work where
-# only the runtime is installed.
-TASKS = ("rec", "multi", "region_caption", "grounded_caption", "count", "pope", "instruction", "color_vqa")
+from ..scoring import TASKS
+
 HELP = "evaluate a model on held-out synthetic scenes (REC, masks, POPE, captions, ...)"
 DESCRIPTION = """\
 Evaluate a model on procedurally generated held-out tabletop scenes (seeds that

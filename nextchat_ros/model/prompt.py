@@ -130,14 +130,12 @@ class PromptBuilder:
         boxes = [list(map(float, regions[i])) for _, i in sorted(q.locations.items())]
         boxes += [list(map(float, answer_boxes[i])) for _, i in sorted(a.locations.items())]
         example = Example(ids, labels, boxes, [0] * len(prefix) + [1] * (len(ids) - len(prefix)))
-        if look and not regions:
-            text = self.validate_text(question)
-            text_ids = self.tok.encode(text)
-            start = len(prefix) + len(self.tok.encode("\n"))  # where the question's text starts
+        if look and not regions:  # the question segment is "\n" + the stripped text + the role marker
+            text, start = question.strip(), len(self.tok.encode("\n"))
             for end, box in look:
                 head = self.tok.encode(text[:end])
-                if head and text_ids[:len(head)] == head:
-                    example.look.append((start + len(head) - 1, list(map(float, box))))
+                if head and q.ids[start:start + len(head)] == head:
+                    example.look.append((len(prefix) + start + len(head) - 1, list(map(float, box))))
         return example
 
     # --- helpers -------------------------------------------------------------------

@@ -41,16 +41,16 @@ def object_patch_targets(scene, config: NextChatConfig) -> tuple[torch.Tensor, t
 def encode_item(image: np.ndarray, turns: list[tuple], prompt: PromptBuilder, config: NextChatConfig,
                 with_masks: bool) -> dict:
     """Model inputs of one image and its turns, each ``(question, answer, regions,
-    answer_boxes, masks[, looks])``: boxes in pixels of ``image``, ``masks`` one
+    answer_boxes, masks, looks)``: boxes in pixels of ``image``, ``masks`` one
     image-sized bool array per answer box, or None, ``looks`` (character offset in
     the question, box) pairs (prompt.PromptBuilder.training_example). Several turns
     are packed into one row (prompt.pack_turns)."""
     h, w = image.shape[:2]
     examples, all_masks = [], []
-    for question, answer, regions, answer_boxes, masks, *looks in turns:
+    for question, answer, regions, answer_boxes, masks, looks in turns:
         regions = [pixels_to_normalized(b, h, w) for b in regions]
         boxes = [pixels_to_normalized(b, h, w) for b in answer_boxes]
-        look = [(end, pixels_to_normalized(b, h, w)) for end, b in (looks[0] if looks else [])]
+        look = [(end, pixels_to_normalized(b, h, w)) for end, b in looks]
         examples.append(prompt.training_example(question, answer, regions, boxes, look))
         all_masks += list(masks) if masks is not None else []
     example = examples[0] if len(examples) == 1 else pack_turns(examples, len(prompt.prefix()))
@@ -110,7 +110,7 @@ class RealItems(Dataset):
         sample = self.samples[order[position]]
         with Image.open(sample.image_path) as img:
             image = np.asarray(img.convert("RGB"))
-        turn = (sample.question, sample.answer, sample.regions, sample.answer_boxes, sample.masks)
+        turn = (sample.question, sample.answer, sample.regions, sample.answer_boxes, sample.masks, [])
         return encode_item(image, [turn], self.prompt, self.config, self.with_masks)
 
 

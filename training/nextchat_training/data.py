@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nextchat_ros.scenes import COLORS, KINDS, Scene, SceneObject, render_scene
-from nextchat_ros.scoring import NUMBERS
+from nextchat_ros.scoring import NUMBERS, TASKS
 
-TASKS = ("rec", "multi", "region_caption", "grounded_caption", "count", "pope", "instruction", "color_vqa")
 # Relative frequency of each task in training.
 DEFAULT_TASK_WEIGHTS = {"rec": 4.0, "multi": 1.0, "region_caption": 2.0, "grounded_caption": 1.0, "count": 1.0,
                         "pope": 2.0, "instruction": 2.0, "color_vqa": 1.0}

@@ -209,7 +209,7 @@ class VisionItems(Dataset):
     """Scene i for the dense vision stage: tower input and per-patch targets."""
 
     def __init__(self, stream: SyntheticTabletop, config):
-        self.stream, self.config, self.model_config = stream, config.vision, config
+        self.stream, self.config = stream, config
 
     def __len__(self) -> int:
         return 2**62
@@ -217,22 +217,18 @@ class VisionItems(Dataset):
     def __getitem__(self, index: int) -> dict:
         from nextchat_ros.model.vision import preprocess_image
 
-        scene, _ = self.stream.item(index)
+        scene, _ = self.stream.item(index)  # always >= 1 object: item() refuses a scene without
         h, w = scene.image.shape[:2]
-        grid = self.config.image_size // self.config.patch_size
-        cover, colors, kinds = object_patch_targets(scene, self.model_config)
-        best, owner = cover.max(0) if len(scene.objects) else (torch.zeros(grid * grid), torch.zeros(grid * grid))
+        cover, colors, kinds = object_patch_targets(scene, self.config)
+        best, owner = cover.max(0)
         has = best > 0.15
-        colors, kinds = (colors, kinds) if len(scene.objects) else (torch.zeros(1, dtype=torch.long),) * 2
         boxes = torch.tensor(np.stack([pixels_to_normalized(o.box, h, w) for o in scene.objects]),
                              dtype=torch.float32)
-        owner = owner.long()
-        return {"pixels": preprocess_image(torch.from_numpy(scene.image.copy()), self.config),
+        return {"pixels": preprocess_image(torch.from_numpy(scene.image.copy()), self.config.vision),
                 "color": torch.where(has, colors[owner], 0), "kind": torch.where(has, kinds[owner], 0),
                 "box": boxes[owner], "has": has,
                 # per object: its share of each patch, normalised to sum to 1 (attention-like pooling)
-                "objects": (cover / cover.sum(1, keepdim=True).clamp_min(1e-6), colors[:len(scene.objects)],
-                            kinds[:len(scene.objects)])}
+                "objects": (cover / cover.sum(1, keepdim=True).clamp_min(1e-6), colors, kinds)}
 
 
 class VisionHeads(torch.nn.Module):
@@ -403,6 +399,13 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
     step = load_checkpoint(ckpt, model, optimizer, scheduler, heads) if (ckpt / "trainer.json").is_file() else 0
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
                  if world > 1 else model)
+    # DDP averages the gradients of what it wraps (the model, in the lm stages); the
+    # loop averages the rest: the vision and sam stages call the model directly, and
+    # training-only heads live beside it.
+    if stage.kind != "lm":
+        not_in_ddp = params
+    else:
+        not_in_ddp = list(heads.parameters()) if heads is not None else []
 
     stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
     per_step = stage.batch_size * stage.grad_accum * world
@@ -462,10 +465,7 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
                     running[k] = running.get(k, 0.0) + losses[k].item() / stage.grad_accum
             samples += stage.batch_size * world * stage.turns_per_image
         if world > 1:
-            # DDP averages the gradients of what it wraps (the model, in the lm stages);
-            # the rest is averaged here: the vision and sam stages call the model
-            # directly, and training-only heads live beside it.
-            for p in (params if stage.kind != "lm" else list(heads.parameters()) if heads is not None else []):
+            for p in not_in_ddp:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= world
