@@ -12,6 +12,7 @@ import pytest
 from sensor_msgs.msg import CameraInfo
 
 from nextchat_ros.msg import GroundingResult, Query
+from nextchat_ros.node import SHUTDOWN_GRACE_S
 from nextchat_ros.ros_client import GroundingClient, image_msg, result_objects
 from nextchat_ros.scenes import render_scene
 from tests.conftest import ROOT
@@ -19,25 +20,47 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.ros
 NS = f"/nextchat_test_{os.getpid()}"
 OK = GroundingResult.STATUS_OK
+LAUNCH_SIGTERM_AFTER_S = 5.0  # ros2 launch escalates to SIGTERM this long after SIGINT
+
+
+def start_node(log_path, ns: str, *params: str, program=("-m", "nextchat_ros.node")) -> subprocess.Popen:
+    """The node in its own process with the shipped model (its default), as a user gets
+    it; its output goes to a file (a pipe nobody reads can fill and block it)."""
+    ros_args = ["--ros-args", "-r", f"__ns:={ns}", *[a for p in params for a in ("-p", p)]]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, *program, *ros_args], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    process.log_path = log_path
+    return process
+
+
+def stop_node(process: subprocess.Popen, timeout: float = 30.0) -> tuple[int, str, float]:
+    """SIGINT, then wait: (exit status, the node's output, seconds from SIGINT to exit).
+    A node still running after ``timeout`` is killed and the test fails with its output."""
+    t0 = time.monotonic()
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"the node was still running {timeout:.0f} s after SIGINT; its output:\n"
+                    f"{process.log_path.read_text()[-3000:]}")
+    return process.returncode, process.log_path.read_text(), time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")
-def node():
-    # The shipped model (the node's default): the node as a user gets it.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={NS}",
-         "-p", "max_image_pixels:=100000", "-p", "max_image_age:=30.0",
-         "-p", "queue_size:=16"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def node(tmp_path_factory):
+    process = start_node(tmp_path_factory.mktemp("node") / "node.log", NS,
+                         "max_image_pixels:=100000", "max_image_age:=30.0", "queue_size:=16")
     client = GroundingClient(NS)
     try:
         client.wait_for_node()
         yield process, client
     finally:
         client.close()
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=30)
+        stop_node(process)
 
 
 @pytest.fixture()
@@ -205,12 +228,36 @@ def test_diagnostics_report_the_queue_and_the_camera_rate(client):
 
 
 def test_sigint_shuts_down_cleanly(node):
+    """Exit status 0, no traceback, and gone before ros2 launch would escalate to SIGTERM
+    (the interpreter's own teardown alone took 1-5 s before main() skipped it)."""
     process, client = node
     client.close()
-    process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=30)
-    assert process.returncode == 0, out[-3000:]
-    assert "Traceback" not in out
+    status, out, seconds = stop_node(process)
+    assert status == 0, out[-3000:]
+    assert "Traceback" not in out and "Timeout" not in out, out[-3000:]
+    assert seconds < LAUNCH_SIGTERM_AFTER_S, f"{seconds:.1f} s from SIGINT to exit"
+
+
+def test_a_teardown_that_hangs_is_cut_short_with_the_stacks(tmp_path):
+    """Fast DDS can deadlock while destroying an entity (it did here, in destroy_node).
+    Injected here as a destroy_node that never returns: the node must still exit, with
+    status 1 and every thread's stack on stderr, SHUTDOWN_GRACE_S after teardown began."""
+    ns = f"/nextchat_hang_{os.getpid()}"
+    script = ("import sys, time, rclpy.node\n"
+              "def destroy_node(self): time.sleep(3600)\n"
+              "rclpy.node.Node.destroy_node = destroy_node\n"
+              "from nextchat_ros.node import main\n"
+              "main(sys.argv)\n")
+    process = start_node(tmp_path / "node.log", ns, program=("-c", script))
+    client = GroundingClient(ns)
+    try:
+        client.wait_for_node()
+    finally:
+        client.close()
+        status, out, seconds = stop_node(process)
+    assert status == 1, out[-3000:]
+    assert "Timeout" in out and "destroy_node" in out, out[-3000:]
+    assert SHUTDOWN_GRACE_S <= seconds < SHUTDOWN_GRACE_S + 10, f"{seconds:.1f} s from SIGINT to exit"
 
 
 SHIPPED = ROOT / "nextchat_ros" / "assets" / "models" / "tiny"
@@ -232,9 +279,7 @@ def test_shipped_model_grounds_held_out_scenes_over_ros(tmp_path):
     from nextchat_ros.scoring import box_iou
 
     ns = f"/nextchat_shipped_{os.getpid()}"
-    process = subprocess.Popen([sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={ns}",
-                                "-p", "max_image_age:=30.0"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT)
+    process = start_node(tmp_path / "node.log", ns, "max_image_age:=30.0")
     client = GroundingClient(ns)
     hits = 0
     try:
@@ -249,12 +294,11 @@ def test_shipped_model_grounds_held_out_scenes_over_ros(tmp_path):
             hits += box_iou(result_objects(result)[0].box, sample.answer_boxes[0]) >= 0.5
     finally:
         client.close()
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        stop_node(process)
     assert hits >= 8, f"{hits} of 10 held-out scenes grounded at IoU >= 0.5"
 
 
-def test_a_30hz_camera_does_not_starve_queries():
+def test_a_30hz_camera_does_not_starve_queries(tmp_path):
     """A 640x480 camera at 30 Hz with a steady stream of queries, against the node with
     its default parameters. The query rate is set from this machine's own speed (one query
     every three unloaded query times, at most 5 Hz), so the node is never asked for more
@@ -263,8 +307,7 @@ def test_a_30hz_camera_does_not_starve_queries():
     failed at 5 Hz on a machine answering in ~50 ms (STALE_IMAGE and OVERLOADED results,
     p95 of seconds), and a 60 s soak had a third of its queries answered."""
     ns = f"/nextchat_load_{os.getpid()}"
-    process = subprocess.Popen([sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={ns}"],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    process = start_node(tmp_path / "node.log", ns)
     client = GroundingClient(ns)
     stop = threading.Event()
     frames = [render_scene(s, height=480, width=640).image for s in range(3)]
@@ -295,8 +338,7 @@ def test_a_30hz_camera_does_not_starve_queries():
     finally:
         stop.set()
         client.close()
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        stop_node(process)
     context = f"unloaded query {1e3 * unloaded_s:.0f} ms, one query every {1e3 * interval_s:.0f} ms"
     statuses = sorted({r.status for r in results.values()})
     assert statuses == [OK], (context, [(q, r.status, r.error) for q, r in results.items() if r.status != OK][:5])
