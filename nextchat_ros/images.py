@@ -78,6 +78,14 @@ def normalized_to_pixels(boxes: np.ndarray, height: int, width: int) -> np.ndarr
     return out
 
 
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """The tight pixel xyxy box around a bool mask's pixels (None for an empty mask)."""
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
 def pixels_to_normalized(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     side, left, top = square_padding(height, width)
     return (np.asarray(boxes, dtype=np.float64) + np.array([left, top, left, top])) / side

@@ -14,6 +14,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .images import mask_box
+
 KINDS = ("cube", "ball", "cup", "cylinder", "ring", "bottle")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (205, 35, 35), "green": (40, 160, 60), "blue": (40, 80, 210), "yellow": (235, 205, 35),
@@ -203,8 +205,7 @@ def render_scene(seed: int, height: int = 240, width: int = 320, num_objects: tu
         if frac < min_visible or visible.sum() < 12:
             hidden += 1
             continue
-        ys, xs = np.nonzero(visible)
-        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+        box = mask_box(visible)
         obj_depth = float(table_depth[int(min(cy + r, height - 1))] * 3.0 - 0.02)
         depth[visible] = obj_depth
         objects.append(SceneObject(kind, color, size, box, visible, float(frac), obj_depth, full))

@@ -52,6 +52,9 @@ class Prediction:
     text: str
     boxes: list = field(default_factory=list)  # pixel xyxy, in answer order
     masks: list | None = None  # bool images, one per box, or None
+    # The box decoder's own boxes where ``boxes`` are the masks' tight boxes (the
+    # predictor's GroundedObject.decoder_box): REC is then also scored on these.
+    decoder_boxes: list | None = None
 
 
 def box_iou(a, b) -> float:
@@ -125,6 +128,11 @@ class Scoreboard:
             acc["rec_mean_iou"].append(iou)
             if truth.info.get("expression"):
                 self.rec_by_expression[expression_type(truth.info["expression"])].append(iou >= 0.5)
+            if pred.decoder_boxes is not None:
+                decoder_iou = box_iou(pred.decoder_boxes[0], truth.boxes[0]) if pred.decoder_boxes and truth.boxes \
+                    else 0.0
+                acc["rec_decoder_acc@0.5"].append(decoder_iou >= 0.5)
+                acc["rec_decoder_mean_iou"].append(decoder_iou)
             if truth.masks:
                 true_mask = truth.masks[0]
                 pred_mask = pred.masks[0] if pred.masks else np.zeros_like(true_mask)

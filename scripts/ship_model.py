@@ -4,6 +4,8 @@
 
 Reads the run's report.json (stages, wall time, held-out metrics) and writes
 README.md (the model card) beside config.json, model.safetensors and tokenizer.json.
+The metrics can instead come from a later `nextchat evaluate --num-samples 1000 --json`
+of the same weights (--metrics), when the predictor changed after training.
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("out/train/tiny"))
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--note", default="", help="a paragraph for the card (how the run went)")
+    parser.add_argument("--metrics", type=Path, default=None,
+                        help="held-out metrics from `nextchat evaluate --json` of these weights, instead of the "
+                             "run's report.json (e.g. after a change to the predictor)")
     args = parser.parse_args()
     report = json.loads((args.run / "report.json").read_text())
+    if args.metrics is not None:
+        report["heldout_metrics"] = json.loads(args.metrics.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         shutil.copy2(args.run / "final" / name, args.out / name)

@@ -191,6 +191,13 @@ def test_rec_accuracy_is_reported_per_kind_of_referring_expression():
     assert metrics["rec_acc@0.5"] == 0.75
     assert metrics["rec_acc@0.5_by_expression"] == {"color object": 0.5, "relation": 1.0}
     assert metrics["rec_count_by_expression"] == {"color object": 2, "relation": 1}
+    assert "rec_decoder_acc@0.5" not in metrics  # only where the predictions carry decoder boxes
+    board = Scoreboard()  # boxes from masks, and the box decoder's own boxes beside them
+    board.add(Truth("rec", boxes=[box]), Prediction("", [box], decoder_boxes=[[30, 30, 70, 70]]))
+    board.add(Truth("rec", boxes=[box]), Prediction("", [box], decoder_boxes=[box]))
+    metrics = board.summary()
+    assert metrics["rec_acc@0.5"] == 1.0 and metrics["rec_decoder_acc@0.5"] == 0.5
+    assert metrics["rec_decoder_mean_iou"] == pytest.approx((400 / 2800 + 1.0) / 2)
 
 
 def test_a_no_grounds_the_look_alikes_it_was_told_apart_from():

@@ -204,5 +204,6 @@ def test_a_short_training_run_lowers_the_loss_and_raises_held_out_iou(tmp_path):
     rows = losses(tmp_path / "short/metrics.csv")
     assert float(rows[-1]) < 0.6 * float(rows[0])
     after = evaluate(model, "heldout", 24, task_weights={"rec": 1.0}, progress=False, height=120, width=160)
-    assert after["rec_mean_iou"] > before["rec_mean_iou"] + 0.02
-    assert after["rec_acc@0.5"] >= before["rec_acc@0.5"]
+    # The box decoder's own boxes: the stage trains it, not SAM, whose masks give the reported boxes.
+    assert after["rec_decoder_mean_iou"] > before["rec_decoder_mean_iou"] + 0.02
+    assert after["rec_decoder_acc@0.5"] >= before["rec_decoder_acc@0.5"]

@@ -40,7 +40,8 @@ def evaluate(model, split: str = "heldout", num_samples: int = 1000, task_weight
         else:
             answer = predictor.ask(sample.question, regions=sample.regions or None, max_new_tokens=40)
         board.add(sample_truth(sample),
-                  Prediction(answer.text, [o.box for o in answer.objects], [o.mask for o in answer.objects]))
+                  Prediction(answer.text, [o.box for o in answer.objects], [o.mask for o in answer.objects],
+                             [o.decoder_box for o in answer.objects]))
     return board.summary()
 
 
