@@ -65,6 +65,11 @@ def box_iou(a, b) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def first_box_iou(pred_boxes, true_boxes) -> float:
+    """IoU of the first predicted box with the first true one; 0 when either is missing."""
+    return box_iou(pred_boxes[0], true_boxes[0]) if len(pred_boxes) and len(true_boxes) else 0.0
+
+
 def words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
@@ -122,15 +127,14 @@ class Scoreboard:
         if truth.answer and task in EXACT_ANSWER_TASKS:
             acc["answer_exact_match"].append(words(pred.text) == words(truth.answer))
         if task == "rec":
-            iou = box_iou(pred.boxes[0], truth.boxes[0]) if pred.boxes and truth.boxes else 0.0
+            iou = first_box_iou(pred.boxes, truth.boxes)
             own["iou"] = iou
             acc["rec_acc@0.5"].append(iou >= 0.5)
             acc["rec_mean_iou"].append(iou)
             if truth.info.get("expression"):
                 self.rec_by_expression[expression_type(truth.info["expression"])].append(iou >= 0.5)
             if pred.decoder_boxes is not None:
-                decoder_iou = box_iou(pred.decoder_boxes[0], truth.boxes[0]) if pred.decoder_boxes and truth.boxes \
-                    else 0.0
+                decoder_iou = first_box_iou(pred.decoder_boxes, truth.boxes)
                 acc["rec_decoder_acc@0.5"].append(decoder_iou >= 0.5)
                 acc["rec_decoder_mean_iou"].append(decoder_iou)
             if truth.masks:
@@ -169,7 +173,7 @@ class Scoreboard:
             own["correct"] = float(colors[-1:] == [truth.info.get("color")])
             acc["color_vqa_accuracy"].append(bool(own["correct"]))
         elif task == "instruction":
-            iou = box_iou(pred.boxes[0], truth.boxes[0]) if pred.boxes and truth.boxes else 0.0
+            iou = first_box_iou(pred.boxes, truth.boxes)
             own["iou"] = iou
             acc["instruction_acc@0.5"].append(iou >= 0.5)
         elif task in ("multi", "grounded_caption"):

@@ -300,20 +300,15 @@ class ImageTokenAttributeHeads(torch.nn.Module):
 
     def forward(self, image_embeds: torch.Tensor, objects: list) -> torch.Tensor:
         """image_embeds (B, N, D); objects[b] = object_patch_targets of row b -> mean of the two losses."""
-        pooled, colors, kinds = [], [], []
-        for b, (cover, color, kind) in enumerate(objects):
-            if len(cover):
-                weights = cover.to(image_embeds.device, image_embeds.dtype)
-                pooled.append((weights / weights.sum(1, keepdim=True).clamp_min(1e-6)) @ image_embeds[b])
-                colors.append(color)
-                kinds.append(kind)
-        if len(pooled) == 0:
-            return image_embeds.sum() * 0.0
+        pooled = []
+        for b, (cover, _color, _kind) in enumerate(objects):  # every scene has >= 1 object
+            weights = cover.to(image_embeds.device, image_embeds.dtype)
+            pooled.append((weights / weights.sum(1, keepdim=True).clamp_min(1e-6)) @ image_embeds[b])
         pooled = torch.cat(pooled).float()
+        colors = torch.cat([color for _, color, _ in objects]).to(pooled.device)
+        kinds = torch.cat([kind for _, _, kind in objects]).to(pooled.device)
         ce = torch.nn.functional.cross_entropy
-        device = pooled.device
-        return 0.5 * (ce(self.logits(self.color, pooled), torch.cat(colors).to(device) - 1)
-                      + ce(self.logits(self.kind, pooled), torch.cat(kinds).to(device) - 1))
+        return 0.5 * (ce(self.logits(self.color, pooled), colors - 1) + ce(self.logits(self.kind, pooled), kinds - 1))
 
 
 def sam_stage_loss(model: NextChatModel, items, stage: StageConfig, generator) -> dict[str, torch.Tensor]:
