@@ -95,6 +95,32 @@ def test_resume_after_a_stop_reproduces_the_uninterrupted_run(tmp_path, kind):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
 
 
+def test_stages_1_and_2_do_not_read_sams_weights(tmp_path):
+    """What lets a new SAM stage reuse finished stages 1 and 2 (training/README.md):
+    from two models that differ only in SAM, they train the same weights, and SAM's
+    weights pass through them unchanged."""
+    for name in ("stage1", "stage2"):
+        shipped = StageConfig.load(CONFIGS / "tiny" / f"{name}.yaml")
+        assert not shipped.masks and shipped.kind == "lm"
+        stage = small_stage(steps=2, trainable=shipped.trainable, image_attributes=shipped.image_attributes,
+                            turns_per_image=2, tasks=shipped.tasks)
+        plain = build_model("tiny", seed=0)
+        other_sam = build_model("tiny", seed=0)
+        with torch.no_grad():
+            for param in other_sam.sam.parameters():
+                param.add_(torch.randn_like(param))
+        sam_before = {k: v.clone() for k, v in other_sam.sam.state_dict().items()}
+        a = train_stage(plain, stage, tmp_path / f"{name}_a", progress=False).state_dict()
+        b = train_stage(other_sam, stage, tmp_path / f"{name}_b", progress=False).state_dict()
+        outside_sam = [k for k in a if not k.startswith("sam.")]
+        start = build_model("tiny", seed=0).state_dict()
+        assert any(not torch.equal(a[k], start[k]) for k in outside_sam)  # they did train
+        for k in outside_sam:
+            torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+        for k, v in sam_before.items():
+            torch.testing.assert_close(b[f"sam.{k}"], v, atol=0, rtol=0, msg=k)
+
+
 def test_the_image_token_attribute_loss_asks_for_a_large_share_of_the_tokens_direction():
     """Tokens that carry colour and kind in a direction 30x smaller than the rest
     (what the projector made of colour) keep a high loss that scaling cannot
