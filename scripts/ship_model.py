@@ -68,6 +68,7 @@ def main() -> None:
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         shutil.copy2(args.run / "final" / name, args.out / name)
     metrics = report.get("heldout_metrics", {})
+    mixed_heading = f"## Held-out metrics ({metrics.get('num_samples', 0)} samples, `nextchat evaluate`)"
     size_mb = sum((args.out / n).stat().st_size for n in ("config.json", "model.safetensors", "tokenizer.json")) / 1e6
     lines = [
         "# nextchat_ros tiny model (shipped default)",
@@ -88,7 +89,7 @@ def main() -> None:
         f"device {report['device']} |",
         f"| size | {size_mb:.1f} MB (config.json, model.safetensors, tokenizer.json) |",
         "",
-        f"## Held-out metrics ({metrics.get('num_samples', 0)} samples, `nextchat evaluate`)",
+        mixed_heading,
         "",
         "| metric | value | bar |", "|---|---|---|",
     ]
@@ -103,7 +104,7 @@ def main() -> None:
                 mark = verdict(key, value) if key in BARS else ""
             lines.append(f"| {key} | {value:.3f} | {mark} |")
     if judged:
-        lines[lines.index(f"## Held-out metrics ({metrics.get('num_samples', 0)} samples, `nextchat evaluate`)"):0] = [
+        lines[lines.index(mixed_heading):0] = [
             "## Quality bars, each on held-out questions of its own task (`nextchat evaluate --task T`)",
             "",
             "| metric | task | questions | value | bar |", "|---|---|---|---|---|",
