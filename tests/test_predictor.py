@@ -108,7 +108,7 @@ def test_masks_are_image_sized_and_scored(predictor, scene):
 
 def test_the_box_is_the_tight_box_of_the_mask():
     """SAM's mask outlines an object more tightly than the box decoder's box (held-out REC
-    Acc@0.5 0.713 -> 0.771 with the shipped model): with a non-empty mask, the box is the
+    Acc@0.5 0.713 -> 0.791 with the shipped model): with a non-empty mask, the box is the
     mask's tight box; decoder_box keeps the decoder's own, the box the location token
     carried into the LLM; without masks the box is the decoder's."""
     from nextchat_ros.model.build import DEFAULT_MODEL_DIR
