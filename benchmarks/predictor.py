@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from nextchat_ros.model import build_model, load_pretrained
-from nextchat_ros.model.build import DEFAULT_MODEL_DIR
-from nextchat_ros.predictor import NextChatPredictor
-from nextchat_ros.scenes import render_scene
+from nextchat_ros.predictor import load_predictor
+from nextchat_ros.synthetic.scenes import render_scene
 
 
 def no_eos(eos_id):
@@ -54,9 +52,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     args = parser.parse_args()
 
-    model_dir = args.model or (DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "model.safetensors").is_file() else None)
-    model = load_pretrained(model_dir) if model_dir else build_model("tiny", seed=0)
-    predictor = NextChatPredictor(model, device=args.device)
+    predictor = load_predictor(args.model, device=args.device)
+    model = predictor.model
     frames = [render_scene(s, height=args.height, width=args.width).image for s in range(args.repeats + 1)]
     eos = no_eos(model.tokenizer.eos_id)
     predictor.set_image(frames[0])  # warm-up
@@ -79,7 +76,7 @@ def main() -> None:
         second.append(timed(lambda: predictor.ask("where is the green cup?", mode="ground"), 1)[0])
 
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {args.device}; model: {model_dir or 'tiny (random init)'}; "
+          f"{torch.get_num_threads()} threads, device {args.device}; model: {args.model or 'the shipped tiny model'}; "
           f"image {args.width}x{args.height}; {args.repeats} repeats")
     print(f"{'stage':<34}{'median ms':>10}{'p90 ms':>10}")
     for name, times in [("set_image (vision+SAM+prefix)", set_image), ("ask, grounding path", ground),

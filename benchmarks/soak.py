@@ -14,19 +14,17 @@ import argparse
 import csv
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from nextchat_ros import node_process
 from nextchat_ros.model.build import DEFAULT_MODEL_DIR
 from nextchat_ros.msg import GroundingResult, Query
 from nextchat_ros.ros_client import GroundingClient
-from nextchat_ros.scenes import render_scene
+from nextchat_ros.synthetic.scenes import render_scene
 
 QUERIES = ["where is the red cube?", "pick up the blue ball.", "is there a green cup in the image?",
            "describe the image.", "find the yellow bottle."]
@@ -54,8 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     namespace = f"/nextchat_soak_{os.getpid()}"
-    node = subprocess.Popen([sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={namespace}",
-                             "-p", f"model_dir:={args.model}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    node = node_process.start_node(namespace, {"model_dir": args.model})
     client = GroundingClient(namespace)
     client.wait_for_node()
     frames = [render_scene(s, height=480, width=640).image for s in range(4)]
@@ -138,8 +135,7 @@ def main() -> None:
         writer.writerows(samples)
     print(f"per-second samples: {args.csv}")
     client.close()
-    node.send_signal(signal.SIGINT)
-    node.wait(timeout=30)
+    node_process.stop_node(node, timeout=30)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import NextChatError
+from .errors import BackendError
 from .model.parts import MaskPart, SamEncoderPart, VisionPart
+from .tensorrt_engines import build_engine, import_tensorrt, stale_engine_reason
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 PARTS = ("vision", "sam_encoder", "mask")
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-
-
-class BackendError(NextChatError):
-    """An exported graph or engine cannot be used; the message names the file."""
+PRECISIONS = ("fp32", "fp16")  # of the exported graphs (`nextchat export --fp16` adds fp16)
 
 
 def model_fingerprint(model) -> str:
@@ -110,10 +108,16 @@ class OnnxRuntimeBackend(_ExportedBackend):
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         variant = precision or manifest.get("default_precision", "fp32")
+        if variant not in PRECISIONS:
+            raise BackendError(f"unknown precision '{variant}'; choose one of {PRECISIONS}")
+        self.precision = variant
         self.sessions = {}
         for part in PARTS:
             entry = manifest["parts"][part]
-            file = entry.get("files", {}).get(variant, entry.get("file")) if variant != "fp32" else entry["file"]
+            file = entry["file"] if variant == "fp32" else entry.get("files", {}).get(variant)
+            if file is None:
+                raise BackendError(f"{self.export_dir / MANIFEST} has no {variant} graph for {part} "
+                                   f"(export with `nextchat export --{variant}`)")
             path = self.export_dir / file
             if not path.is_file():
                 raise BackendError(f"ONNX graph missing: {path}")
@@ -134,31 +138,31 @@ class OnnxRuntimeBackend(_ExportedBackend):
 
 
 def tensorrt_environment() -> dict:
-    """What a TensorRT engine is tied to, on this machine (raises ImportError without TensorRT)."""
-    import tensorrt as trt
-
+    """What a TensorRT engine is tied to, on this machine (BackendError without TensorRT)."""
+    trt = import_tensorrt()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"tensorrt": trt.__version__, "gpu": gpu}
 
 
-def check_sidecar(sidecar: dict, environment: dict, path: Path) -> None:
-    """An engine only runs where it was built: same TensorRT version, same GPU."""
-    for key in ("tensorrt", "gpu"):
-        if sidecar.get(key) != environment.get(key):
-            raise BackendError(f"{path} was built for {key} {sidecar.get(key)!r}, this machine has "
-                               f"{environment.get(key)!r}; rebuild the engine here")
+def check_sidecar(sidecar: dict, environment: dict, path: Path, fingerprint: str | None = None) -> None:
+    """An engine only runs where it was built (same TensorRT version, same GPU), for its model."""
+    reason = stale_engine_reason(sidecar, environment, fingerprint)
+    if reason is not None:
+        raise BackendError(f"{path} {reason}; rebuild the engine here (rebuild_engines)")
 
 
 class TensorRTBackend(_ExportedBackend):
-    """Serialized TensorRT engines (``nextchat export --tensorrt``) run with CUDA buffers."""
+    """Serialized TensorRT engines (``nextchat export --tensorrt``) run with CUDA buffers.
+
+    ``rebuild``: an engine that is missing, or whose sidecar says it was built for
+    another TensorRT, GPU or model, is built again here from the ONNX graph beside it
+    (in the precision it had, or ``precision``) instead of refusing the export."""
 
     name = "tensorrt"
 
-    def __init__(self, model, export_dir: str | Path):
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise BackendError("TensorRT is not installed (import tensorrt failed)") from None
+    def __init__(self, model, export_dir: str | Path, precision: str | None = None, rebuild: bool = False):
+        """``precision``: when given, every engine must have been built in it (its sidecar says)."""
+        trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise BackendError("the tensorrt backend needs a CUDA GPU")
         self.export_dir = Path(export_dir)
@@ -167,21 +171,41 @@ class TensorRTBackend(_ExportedBackend):
         environment = tensorrt_environment()
         self.device, self.dtype = model.device, model.dtype
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines, self.contexts = {}, {}
+        self.engines, self.contexts, self.rebuilt = {}, {}, []
         for part in PARTS:
-            engine_file = manifest["parts"][part].get("engine")
-            if not engine_file:
-                raise BackendError(f"{self.export_dir / MANIFEST} lists no TensorRT engine for {part}")
-            path = self.export_dir / engine_file
-            sidecar_path = path.with_suffix(path.suffix + ".json")
-            if not path.is_file() or not sidecar_path.is_file():
-                raise BackendError(f"TensorRT engine or its sidecar missing: {path}")
-            check_sidecar(json.loads(sidecar_path.read_text()), environment, sidecar_path)
+            path, sidecar = self._engine_file(manifest, part, environment, precision, rebuild)
+            if precision and sidecar.get("precision") != precision:
+                raise BackendError(f"{path} was built in {sidecar.get('precision')}, not {precision}")
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendError(f"cannot deserialize TensorRT engine {path} (truncated or corrupt?)")
             self.engines[part] = engine
             self.contexts[part] = engine.create_execution_context()
+        if self.rebuilt:
+            (self.export_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    def _engine_file(self, manifest: dict, part: str, environment: dict, precision: str | None,
+                     rebuild: bool) -> tuple[Path, dict]:
+        """``part``'s engine and sidecar, rebuilt first where allowed and needed."""
+        entry = manifest["parts"][part]
+        path = self.export_dir / entry.get("engine", f"{part}.engine")
+        sidecar_path = path.with_suffix(path.suffix + ".json")
+        sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None
+        if sidecar is None or not path.is_file():
+            reason = "is missing" if entry.get("engine") else "is not listed in the manifest"
+        else:
+            reason = stale_engine_reason(sidecar, environment, manifest.get("model_fingerprint"))
+        if reason is None:
+            return path, sidecar
+        if not rebuild:
+            if sidecar is None or not path.is_file():
+                raise BackendError(f"TensorRT engine or its sidecar for {part} {reason}: {path}")
+            check_sidecar(sidecar, environment, sidecar_path, manifest.get("model_fingerprint"))
+        log.warning("rebuilding the TensorRT engine of %s from %s: the engine %s", part, entry["file"], reason)
+        fp16 = (precision or (sidecar or {}).get("precision", "fp16")) == "fp16"
+        sidecar = build_engine(self.export_dir, part, entry, manifest["model_fingerprint"], fp16=fp16)
+        self.rebuilt.append(part)
+        return self.export_dir / entry["engine"], sidecar
 
     def _run(self, part: str, *arrays: torch.Tensor):
         import tensorrt as trt
@@ -208,9 +232,13 @@ class TensorRTBackend(_ExportedBackend):
         return [r.to(self.device, self.dtype) for r in results]
 
 
-def load_backend(name: str, model, export_dir: str | Path | None = None, fallback: bool = True):
-    """The backend called ``name``. A TensorRT engine that cannot be used here falls
-    back to ONNX Runtime with a warning when ``fallback`` is set."""
+def load_backend(name: str, model, export_dir: str | Path | None = None, fallback: bool = True,
+                 precision: str | None = None, rebuild_engines: bool = False):
+    """The backend called ``name``. A TensorRT engine that cannot be used here is
+    rebuilt from its ONNX graph when ``rebuild_engines`` is set; otherwise (or when
+    that fails) it falls back to ONNX Runtime with a warning when ``fallback`` is set.
+    ``precision``: which exported graphs to run (fp32 | fp16; default: the export's
+    own); torch ignores it."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'; choose one of {BACKENDS}")
     if name == "torch":
@@ -218,13 +246,13 @@ def load_backend(name: str, model, export_dir: str | Path | None = None, fallbac
     if export_dir is None:
         raise BackendError(f"the {name} backend needs an export directory (`nextchat export`)")
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(model, export_dir)
+        return OnnxRuntimeBackend(model, export_dir, precision=precision)
     try:
-        return TensorRTBackend(model, export_dir)
+        return TensorRTBackend(model, export_dir, precision=precision, rebuild=rebuild_engines)
     except BackendError as exc:
         if not fallback:
             raise
         log.warning("TensorRT backend unavailable (%s); falling back to ONNX Runtime", exc)
-        backend = OnnxRuntimeBackend(model, export_dir)
+        backend = OnnxRuntimeBackend(model, export_dir, precision=precision)
         backend.fallback_reason = str(exc)
         return backend

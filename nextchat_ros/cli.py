@@ -9,8 +9,9 @@ import sys
 from .errors import NextChatError
 
 # command -> module under nextchat_ros.commands (each has HELP, DESCRIPTION,
-# add_arguments and run). Modules are imported only when their command runs,
-# so `nextchat --help` stays fast.
+# add_arguments and run). Only the module of the command being run is imported
+# (`nextchat --help` imports none), so a command never pays for another's
+# dependencies (torch, training/, export/).
 COMMANDS = {
     "ground": "ground",
     "demo": "demo",
@@ -38,11 +39,15 @@ Run `nextchat <command> --help` for a command's options.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported and given its arguments."""
     parser = argparse.ArgumentParser(prog="nextchat", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, module_name in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, add_help=False)  # listed; its options are parsed only when it runs
+            continue
         module = importlib.import_module(f"nextchat_ros.commands.{module_name}")
         cmd = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,14 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
         return int(args.func(args) or 0)
-    except NextChatError as exc:
+    except (NextChatError, TimeoutError) as exc:
         print(f"nextchat {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

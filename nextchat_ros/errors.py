@@ -15,3 +15,11 @@ class QueryError(NextChatError):
 
 class ModelFileError(NextChatError):
     """A model file is missing, truncated or does not match its config."""
+
+
+class UsageError(NextChatError):
+    """A command was given options that do not fit together."""
+
+
+class BackendError(NextChatError):
+    """An exported graph or engine cannot be used; the message names the file."""

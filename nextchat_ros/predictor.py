@@ -9,18 +9,18 @@ is cropped back to the prefix, so queries never see each other.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .backends import TorchBackend
-from .errors import ImageError, QueryError
+from .backends import TorchBackend, load_backend
+from .errors import ImageError, ModelFileError, QueryError
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     mask_box,
@@ -30,32 +30,12 @@ from .images import (
     validate_regions,
 )
 from .model.nextchat import NextChatModel
+from .queries import MODES, phrase_from_answer, phrase_from_query
+from .records import GroundedObject
 
-MODES = ("generate", "ground")
+# Longest answer, in tokens, unless a caller asks otherwise (the node's max_new_tokens too).
+DEFAULT_MAX_NEW_TOKENS = 48
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
-# Leading words that are not part of an object's name in a phrase.
-_PHRASE_LEAD = re.compile(r"^(?:answer:|and|or|with|then|also|is|are|it is|there is|there are|yes|"
-                          r"picking up|grabbing|pushing|moving|placing|putting|next to)\s+", re.I)
-_QUERY_LEAD = re.compile(
-    r"^(?:(?:please|can you|could you)\s+)*(?:where(?:'s| is| are)|find|locate|show(?: me)?|point (?:to|at)|"
-    r"detect|segment|ground|give me|pick up|grab|look at)\s+", re.I)
-
-
-@dataclass
-class GroundedObject:
-    phrase: str
-    # (4,) pixel xyxy in the original image: the tight box of the mask when there is a
-    # non-empty one (see _add_masks), else decoder_box.
-    box: np.ndarray
-    # The box decoder's own box, in pixels and normalised to the centre-padded square
-    # ([0, 1]): what the location token carried back into the LLM.
-    decoder_box: np.ndarray
-    box_normalized: np.ndarray
-    score: float  # probability the LLM gave its trigger token
-    mask: np.ndarray | None = None  # (H, W) bool
-    mask_score: float = 0.0  # SAM's predicted IoU
-    # The trigger's last-layer hidden state (prompts SAM); not part of the result.
-    hidden: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -137,7 +117,7 @@ class NextChatPredictor:
 
     # --- queries ----------------------------------------------------------------------
     @torch.inference_mode()
-    def ask(self, query: str, regions=None, mode: str = "generate", max_new_tokens: int = 48,
+    def ask(self, query: str, regions=None, mode: str = "generate", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
             masks: bool = True, logits_processor: LogitsProcessor | None = None) -> Answer:
         """Answer ``query`` about the current image.
@@ -163,15 +143,15 @@ class NextChatPredictor:
             try:
                 t0 = time.perf_counter()
                 if mode == "ground":
-                    answer = self._ground(frame, query, question, region_px)
+                    answer, hiddens = self._ground(frame, query, question, region_px)
                 else:
                     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-                    answer = self._generate(frame, question, region_px, max_new_tokens, temperature, top_p, generator,
-                                            logits_processor)
+                    answer, hiddens = self._generate(frame, question, region_px, max_new_tokens, temperature, top_p,
+                                                     generator, logits_processor)
                 self._sync()
                 t1 = time.perf_counter()
                 if masks and answer.objects:
-                    self._add_masks(frame, answer)
+                    self._add_masks(frame, answer, hiddens)
                 self._sync()
                 t2 = time.perf_counter()
             finally:
@@ -198,7 +178,7 @@ class NextChatPredictor:
     def _forward_embeds(self, frame: _Frame, emb: torch.Tensor) -> torch.Tensor:
         return self.model.llm.model(inputs_embeds=emb, past_key_values=frame.cache, use_cache=True).last_hidden_state
 
-    def _ground(self, frame, query, question, region_px) -> Answer:
+    def _ground(self, frame, query, question, region_px) -> tuple[Answer, list[torch.Tensor]]:
         model, tok = self.model, self.model.tokenizer
         ids = question.ids + model.prompt.grounding_answer()
         region_boxes = self._region_boxes(frame, region_px)
@@ -206,13 +186,13 @@ class NextChatPredictor:
         p_trigger = model.llm.lm_head(hidden[0, -2]).float().softmax(-1)[tok.trigger_id].item()
         h = hidden[0, -1]
         box = model.box_decoder.decode(h)
-        obj = self._make_object(frame, _phrase_from_query(query), box, p_trigger)
-        obj.hidden = h
+        obj = self._make_object(frame, phrase_from_query(query), box, p_trigger)
         return Answer(text=f"{obj.phrase} [0]", objects=[obj], mode="ground", token_ids=[*ids, tok.location_id],
-                      location_boxes=torch.cat([region_boxes, box[None]]).float().cpu().numpy())
+                      location_boxes=torch.cat([region_boxes, box[None]]).float().cpu().numpy()), [h]
 
     def _generate(self, frame, question, region_px, max_new_tokens, temperature, top_p, generator,
-                  logits_processor) -> Answer:
+                  logits_processor) -> tuple[Answer, list[torch.Tensor]]:
+        """Free generation; also returns each object's trigger hidden state (for its mask)."""
         model, tok = self.model, self.model.tokenizer
         region_boxes = self._region_boxes(frame, region_px)
         hidden = self._forward(frame, question.ids, region_boxes)
@@ -221,6 +201,7 @@ class NextChatPredictor:
         loc_boxes = [b for b in region_boxes]
         pieces: list[list[int]] = [[]]
         objects: list[GroundedObject] = []
+        hiddens: list[torch.Tensor] = []
         budget = model.config.llm.max_position_embeddings - frame.prefix_len - len(token_ids)
         truncated = True
         generated: list[int] = []
@@ -235,9 +216,8 @@ class NextChatPredictor:
                 p_trigger = logits.float().softmax(-1)[token].item()
                 h = self._forward(frame, [token])[0, -1]
                 box = model.box_decoder.decode(h)
-                obj = self._make_object(frame, _phrase_from_text(tok.decode(pieces[-1])), box, p_trigger)
-                obj.hidden = h
-                objects.append(obj)
+                objects.append(self._make_object(frame, phrase_from_answer(tok.decode(pieces[-1])), box, p_trigger))
+                hiddens.append(h)
                 # The location token is forced and carries the box back into the LLM.
                 hidden = self._forward_embeds(frame, model.location_embeddings(box[None], frame.image_embeds)[None])
                 token_ids += [token, tok.location_id]
@@ -255,7 +235,7 @@ class NextChatPredictor:
             text += f" [{k}]" + tok.decode(piece)
         boxes = torch.stack(loc_boxes).float().cpu().numpy() if loc_boxes else np.zeros((0, 4))
         return Answer(text=text.strip(), objects=objects, mode="generate", token_ids=token_ids,
-                      location_boxes=boxes, truncated=truncated)
+                      location_boxes=boxes, truncated=truncated), hiddens
 
     def _pick(self, logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
         logits = logits.float().masked_fill(self._banned, float("-inf"))
@@ -271,12 +251,13 @@ class NextChatPredictor:
     def _make_object(self, frame, phrase, box, score) -> GroundedObject:
         normalized = box.float().cpu().numpy()
         pixels = normalized_to_pixels(normalized, frame.height, frame.width)
-        return GroundedObject(phrase=phrase, box=pixels.copy(), decoder_box=pixels, box_normalized=normalized,
-                              score=float(score))
+        return GroundedObject(phrase=phrase, box=pixels.copy(), score=float(score), decoder_box=pixels,
+                              box_normalized=normalized)
 
-    def _add_masks(self, frame: _Frame, answer: Answer) -> None:
+    def _add_masks(self, frame: _Frame, answer: Answer, hiddens: list[torch.Tensor]) -> None:
+        """Each object's mask from SAM, prompted by its box and its trigger's hidden state."""
         model = self.model
-        hidden = torch.stack([o.hidden for o in answer.objects])
+        hidden = torch.stack(hiddens)
         boxes = torch.stack([torch.as_tensor(o.box_normalized) for o in answer.objects]).to(self.device, model.dtype)
         low, iou = self.backend.masks(frame.sam_embedding, boxes, hidden)
         logits = model.sam.postprocess_masks(low, frame.height, frame.width)
@@ -284,9 +265,8 @@ class NextChatPredictor:
         for obj, mask, score in zip(answer.objects, masks, iou[:, 0].float().cpu().tolist()):
             obj.mask = mask
             obj.mask_score = score
-            # SAM's mask outlines the object more tightly than the box decoder's box: on
-            # 1000 held-out referring expressions, the shipped model's boxes reach IoU >= 0.5
-            # with the truth 0.713 of the time, the mask's tight box 0.791 (mean IoU 0.60 -> 0.73).
+            # SAM's mask outlines the object more tightly than the box decoder's box
+            # (held-out REC accuracy is higher with the mask's box: see the model card).
             tight = mask_box(mask)
             if tight is not None:
                 obj.box = tight
@@ -296,17 +276,31 @@ class NextChatPredictor:
             torch.cuda.synchronize(self.device)
 
 
-def _phrase_from_text(text: str) -> str:
-    clause = re.split(r"[.,;:!?\n]", text)[-1].strip()
-    previous = None
-    while previous != clause:
-        previous, clause = clause, _PHRASE_LEAD.sub("", clause).strip()
-    return clause
+def load_predictor(model_dir: str | Path | None = None, backend: str = "torch", export_dir: str | Path | None = None,
+                   device: str = "cpu", precision: str | None = None,
+                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                   rebuild_engines: bool = False) -> NextChatPredictor:
+    """The one way to make a predictor (the node, every command, the benchmarks).
+
+    ``model_dir``: a model directory; None or "" = the shipped tiny model.
+    ``backend``: where the vision and mask parts run (``backends.BACKENDS``); the
+    exported ones read ``export_dir`` (default ``model_dir/export``) in ``precision``
+    (fp32 | fp16; default: the export's own). A TensorRT engine that cannot run here
+    is rebuilt from its ONNX graph with ``rebuild_engines``, else falls back to ONNX
+    Runtime with a logged warning; the predictor's ``backend.fallback_reason`` says
+    why. Raises ModelFileError / BackendError naming what is wrong.
+    """
+    from .model.build import DEFAULT_MODEL_DIR
+    from .model.checkpoint import load_pretrained
+
+    model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+    if model_dir == DEFAULT_MODEL_DIR and not (model_dir / "model.safetensors").is_file():
+        raise ModelFileError(f"no model directory given and the shipped model is missing: {model_dir}")
+    model = load_pretrained(model_dir, device=device)
+    if backend != "torch" and not export_dir:
+        export_dir = model_dir / "export"
+    parts = load_backend(backend, model, export_dir, precision=precision, rebuild_engines=rebuild_engines)
+    return NextChatPredictor(model, device=device, max_image_pixels=max_image_pixels, backend=parts)
 
 
-def _phrase_from_query(query: str) -> str:
-    phrase = query.strip().rstrip("?.! ")
-    return _QUERY_LEAD.sub("", phrase).strip() or query.strip()
-
-
-__all__ = ["MODES", "Answer", "GroundedObject", "NextChatPredictor"]
+__all__ = ["MODES", "Answer", "GroundedObject", "NextChatPredictor", "load_predictor"]

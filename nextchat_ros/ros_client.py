@@ -1,6 +1,7 @@
 """A ROS client of the grounding node: publishes camera frames and queries,
-collects results, calls the service. Spins in a background thread. Used by
-`nextchat demo`, the rosbag tools and the tests."""
+collects results, calls the service. Spins in a background thread, which
+``close()`` stops and joins before it destroys anything. Used by `nextchat demo`,
+the rosbag tools and the tests. Every wait is bounded and ends in TimeoutError."""
 
 from __future__ import annotations
 
@@ -14,8 +15,41 @@ from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
 from std_msgs.msg import String
 
 from .msg import GroundingResult, Query
-from .ros_images import fill_image_msg, mono8_mask
+from .ros_images import fill_image_msg
+from .ros_messages import result_objects
 from .srv import Ground
+
+# How long close() waits for the spin thread: one spin_once is SPIN_PERIOD_S plus a
+# callback, and the client's callbacks only append to lists.
+SPIN_PERIOD_S = 0.05
+CLOSE_TIMEOUT_S = 10.0
+
+
+class Spinner:
+    """Spins an executor on a thread of its own until :meth:`stop`, which ends the loop
+    and joins the thread (bounded) before the caller destroys anything.
+
+    spin_once with a short timeout instead of spin(): the loop checks its stop flag
+    between calls. Destroying a node while another thread was inside spin() left that
+    thread busy in rclpy's wait set, holding the GIL, and hung a test run in
+    Popen.wait (no Python-level timeout can fire while another thread holds the GIL)."""
+
+    def __init__(self, executor, context, name: str):
+        self.executor, self.context = executor, context
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.context.ok():
+            self.executor.spin_once(timeout_sec=SPIN_PERIOD_S)
+
+    def stop(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        self._stop.set()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"the spin thread {self.thread.name} did not stop within {timeout:.0f} s")
+        self.executor.shutdown(timeout_sec=timeout)
 
 
 def image_msg(array: np.ndarray, stamp_ns: int, encoding: str = "rgb8", frame_id: str = "camera") -> Image:
@@ -44,8 +78,8 @@ class GroundingClient:
         self.client = self.node.create_client(Ground, f"{ns}/ground")
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
+        self.spinner = Spinner(self.executor, self.context, "nextchat-client-spin")
+        self.closed = False
 
     def _on_result(self, msg) -> None:
         with self._cond:
@@ -68,11 +102,13 @@ class GroundingClient:
         return thread
 
     def wait_for_node(self, timeout: float = 90.0) -> None:
-        assert self.client.wait_for_service(timeout_sec=timeout), "the node's ground service never appeared"
+        if not self.client.wait_for_service(timeout_sec=timeout):
+            raise TimeoutError(f"the node's ground service did not appear within {timeout:.0f} s")
         deadline = time.monotonic() + timeout
         while self.image_pub.get_subscription_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert self.image_pub.get_subscription_count() > 0
+        if self.image_pub.get_subscription_count() == 0:
+            raise TimeoutError(f"the node did not subscribe to the image topic within {timeout:.0f} s")
         time.sleep(1.0)  # matched both ways before the first (large) frame goes out
 
     def publish_frame(self, msg: Image, settle: float = 0.3) -> None:
@@ -88,7 +124,9 @@ class GroundingClient:
                         self.results.remove(r)
                         return r
                 left = deadline - time.monotonic()
-                assert left > 0, f"no matching result within {timeout} s; have {[r.query for r in self.results]}"
+                if left <= 0:
+                    raise TimeoutError(f"no matching result within {timeout} s; have "
+                                       f"{[r.query for r in self.results]}")
                 self._cond.wait(left)
 
     def ask_text(self, text: str, timeout: float = 60.0) -> GroundingResult:
@@ -110,26 +148,20 @@ class GroundingClient:
         future = self.client.call_async(request)
         deadline = time.monotonic() + timeout
         while not future.done():
-            assert time.monotonic() < deadline, "the ground service did not answer"
+            if time.monotonic() > deadline:
+                self.client.remove_pending_request(future)
+                raise TimeoutError(f"the ground service did not answer within {timeout:.0f} s")
             time.sleep(0.05)
         return future.result().result
 
     def close(self) -> None:
-        if not self.context.ok():
+        """Stop and join the spin thread, then destroy the node and the context (bounded)."""
+        if self.closed:
             return
-        self.executor.shutdown()
+        self.closed = True
+        self.spinner.stop()
         self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
+        rclpy.try_shutdown(context=self.context)
 
 
-def result_objects(result: GroundingResult) -> list:
-    """The result's objects as (phrase, box xyxy, score, mask) records for overlays."""
-    from types import SimpleNamespace
-
-    objects = []
-    for o in result.objects:
-        mask = mono8_mask(o.mask)
-        box = (o.center_x - o.size_x / 2, o.center_y - o.size_y / 2, o.center_x + o.size_x / 2,
-               o.center_y + o.size_y / 2)
-        objects.append(SimpleNamespace(phrase=o.phrase, box=box, score=o.score, mask=mask))
-    return objects
+__all__ = ["GroundingClient", "Spinner", "image_msg", "result_objects"]

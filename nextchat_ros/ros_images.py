@@ -13,6 +13,8 @@ import io
 import numpy as np
 
 from .errors import ImageError
+from .images import DEFAULT_MAX_IMAGE_PIXELS
+from .records import Frame
 
 # encoding -> (channels, numpy dtype, channel order to RGB)
 COLOR_ENCODINGS = {
@@ -55,7 +57,7 @@ def _rows(msg, channels: int, dtype) -> np.ndarray:
     return out.reshape(msg.height, msg.width, channels)
 
 
-def image_msg_to_rgb(msg, max_pixels: int = 4096 * 4096) -> np.ndarray:
+def image_msg_to_rgb(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """A camera image message -> (H, W, 3) uint8 RGB."""
     encoding = (msg.encoding or "").lower()
     if encoding not in COLOR_ENCODINGS:
@@ -69,12 +71,10 @@ def image_msg_to_rgb(msg, max_pixels: int = 4096 * 4096) -> np.ndarray:
     return np.ascontiguousarray(pixels[..., list(order)])
 
 
-def image_frame(msg, convert=image_msg_to_rgb, max_pixels: int = 4096 * 4096):
+def image_frame(msg, convert=image_msg_to_rgb, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     """A camera image message -> the service's Frame, stamped like the message; a
     malformed one -> a Frame carrying the refusal (a query about it gets BAD_IMAGE).
     ``convert``: image_msg_to_rgb or compressed_msg_to_rgb."""
-    from .service import Frame  # the service pulls in the model; this module stays light
-
     stamp = stamp_to_ns(msg.header.stamp)
     try:
         return Frame(convert(msg, max_pixels), stamp, msg.header.frame_id)
@@ -82,7 +82,7 @@ def image_frame(msg, convert=image_msg_to_rgb, max_pixels: int = 4096 * 4096):
         return Frame(None, stamp, msg.header.frame_id, error=str(exc))
 
 
-def compressed_msg_to_rgb(msg, max_pixels: int = 4096 * 4096) -> np.ndarray:
+def compressed_msg_to_rgb(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """A sensor_msgs/CompressedImage (jpeg / png) -> (H, W, 3) uint8 RGB."""
     from PIL import Image, UnidentifiedImageError
 
@@ -96,7 +96,7 @@ def compressed_msg_to_rgb(msg, max_pixels: int = 4096 * 4096) -> np.ndarray:
         raise ImageError(f"the compressed image ({msg.format or 'unknown format'}) cannot be decoded: {exc}") from None
 
 
-def depth_msg_to_metres(msg, max_pixels: int = 4096 * 4096) -> np.ndarray:
+def depth_msg_to_metres(msg, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """A depth image (16UC1 millimetres or 32FC1 metres) -> (H, W) float32 metres, NaN = no reading."""
     encoding = (msg.encoding or "").lower()
     if encoding not in DEPTH_ENCODINGS:

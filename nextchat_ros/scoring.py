@@ -2,12 +2,12 @@
 
 ``nextchat evaluate`` (predictor answers on held-out scenes) and ``nextchat bag
 eval`` (results the node published, or the offline run of the same queries)
-both turn each answer into a :class:`Prediction`, each truth into a
-:class:`Truth`, and add them to a :class:`Scoreboard`, so a figure means the
-same thing whichever path produced it.
+both turn each answer into a :class:`Prediction` (its text and its
+``records.GroundedObject`` list), each truth into a :class:`Truth`, and add them to a
+:class:`Scoreboard`, so a figure means the same thing whichever path produced it.
 
 Metrics: REC Acc@0.5 and mean IoU (also per kind of referring expression where
-the truth names it), mask mIoU and cIoU (REC samples), POPE-style
+the truth names it: ``info["expression_type"]``), mask mIoU and cIoU (REC samples), POPE-style
 yes/no accuracy / precision / recall / F1 (and accuracy per negative strategy),
 region-caption attribute accuracy (colour and kind both right, and each alone),
 counting, colour-VQA and instruction target Acc@0.5, multi-object and grounded
@@ -23,12 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .scenes import COLORS, KINDS, SIZES
+from .records import GroundedObject
+from .synthetic.scenes import COLORS, KINDS
 
-# Every task of the synthetic tabletop data (training/nextchat_training/data.py),
-# which the Scoreboard scores; here so that the runtime (`nextchat evaluate --task`)
-# knows them without training/ installed.
-TASKS = ("rec", "multi", "region_caption", "grounded_caption", "count", "pope", "instruction", "color_vqa")
 NUMBERS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight"]
 # Tasks whose reference answer is fixed text worth comparing word for word.
 EXACT_ANSWER_TASKS = ("count", "pope", "color_vqa", "region_caption", "vqa", "reg")
@@ -49,12 +46,26 @@ class Truth:
 
 @dataclass
 class Prediction:
+    """One answer: its text and the objects it grounds, in answer order."""
+
     text: str
-    boxes: list = field(default_factory=list)  # pixel xyxy, in answer order
-    masks: list | None = None  # bool images, one per box, or None
-    # The box decoder's own boxes where ``boxes`` are the masks' tight boxes (the
-    # predictor's GroundedObject.decoder_box): REC is then also scored on these.
-    decoder_boxes: list | None = None
+    objects: list[GroundedObject] = field(default_factory=list)
+
+    @property
+    def boxes(self) -> list:
+        return [o.box for o in self.objects]  # pixel xyxy
+
+    @property
+    def masks(self) -> list | None:
+        masks = [o.mask for o in self.objects]
+        return masks if masks and all(m is not None for m in masks) else None
+
+    @property
+    def decoder_boxes(self) -> list | None:
+        """The box decoder's own boxes where ``boxes`` are the masks' tight boxes: REC is
+        then also scored on these. None where the objects came from messages."""
+        boxes = [o.decoder_box for o in self.objects]
+        return boxes if all(b is not None for b in boxes) else None
 
 
 def box_iou(a, b) -> float:
@@ -85,24 +96,6 @@ def greedy_matches(pred_boxes, true_boxes, threshold: float = 0.5) -> int:
     return hits
 
 
-def expression_type(expression: str) -> str:
-    """The kind of a synthetic referring expression (``training/`` data's grammar),
-    e.g. "ring left of the red cube" -> "relation", "green object" -> "color object",
-    "smallest object" -> "smallest object", "leftmost cup" -> "leftmost kind"."""
-    said = expression.split()
-    if any(f" {r} the " in f" {expression} " for r in ("left of", "right of", "behind")):
-        return "relation"
-    if expression.startswith("object nearest to"):
-        return "nearest to anchor"
-    if said[0] in ("leftmost", "rightmost", "largest", "smallest", "nearest"):
-        return f"{said[0]} " + ("object" if said[-1] == "object" else "kind")
-    if said[-1] == "object":
-        return "color object"
-    if len(said) == 1:
-        return "kind"
-    return "size kind" if said[0] in SIZES else "color kind"
-
-
 def said_yes(text: str) -> bool:
     return words(text)[:1] == ["yes"]
 
@@ -117,70 +110,82 @@ class Scoreboard:
         self.rec_by_expression: dict[str, list[bool]] = defaultdict(list)
         self.inter_sum = 0
         self.union_sum = 0
+        # task -> scorer(truth, prediction) -> this answer's own figures
+        self._scorers = {"rec": self._rec, "pope": self._pope, "region_caption": self._region_caption,
+                         "count": self._count, "color_vqa": self._color_vqa, "instruction": self._instruction,
+                         "multi": self._grounded_objects, "grounded_caption": self._grounded_objects}
 
     def add(self, truth: Truth, pred: Prediction) -> dict[str, float]:
-        """Score one answer; returns this answer's own figures (e.g. ``iou``)."""
-        task = truth.task
-        self.counts[task] += 1
-        own: dict[str, float] = {}
+        """Score one answer; returns this answer's own figures (e.g. ``iou``). A task
+        without a scorer of its own (free text: reg, vqa) is scored by its words only."""
+        self.counts[truth.task] += 1
+        if truth.answer and truth.task in EXACT_ANSWER_TASKS:
+            self.values["answer_exact_match"].append(words(pred.text) == words(truth.answer))
+        scorer = self._scorers.get(truth.task)
+        return scorer(truth, pred) if scorer is not None else {}
+
+    def _rec(self, truth: Truth, pred: Prediction) -> dict[str, float]:
         acc = self.values
-        if truth.answer and task in EXACT_ANSWER_TASKS:
-            acc["answer_exact_match"].append(words(pred.text) == words(truth.answer))
-        if task == "rec":
-            iou = first_box_iou(pred.boxes, truth.boxes)
-            own["iou"] = iou
-            acc["rec_acc@0.5"].append(iou >= 0.5)
-            acc["rec_mean_iou"].append(iou)
-            if truth.info.get("expression"):
-                self.rec_by_expression[expression_type(truth.info["expression"])].append(iou >= 0.5)
-            if pred.decoder_boxes is not None:
-                decoder_iou = first_box_iou(pred.decoder_boxes, truth.boxes)
-                acc["rec_decoder_acc@0.5"].append(decoder_iou >= 0.5)
-                acc["rec_decoder_mean_iou"].append(decoder_iou)
-            if truth.masks:
-                true_mask = truth.masks[0]
-                pred_mask = pred.masks[0] if pred.masks else np.zeros_like(true_mask)
-                inter = int((pred_mask & true_mask).sum())
-                union = int((pred_mask | true_mask).sum())
-                own["mask_iou"] = inter / union if union else 1.0
-                acc["mask_miou"].append(own["mask_iou"])
-                self.inter_sum += inter
-                self.union_sum += union
-        elif task == "pope":
-            yes, label = said_yes(pred.text), truth.info.get("label", "")
-            truth_yes = label == "yes"
-            self.pope[("tp" if yes else "fn") if truth_yes else ("fp" if yes else "tn")] += 1
-            acc["pope_accuracy"].append(yes == truth_yes)
-            own["correct"] = float(yes == truth_yes)
-            if not truth_yes and truth.info.get("strategy"):
-                acc[f"pope_{truth.info['strategy']}_accuracy"].append(not yes)
-        elif task == "region_caption":
-            said = words(pred.text)
-            colors = [w for w in said if w in COLORS]
-            kinds = [w for w in said if w in KINDS]
-            color_ok = colors[:1] == [truth.info.get("color")]
-            kind_ok = kinds[:1] == [truth.info.get("kind")]
-            acc["region_caption_attribute_accuracy"].append(color_ok and kind_ok)
-            acc["region_caption_color_accuracy"].append(color_ok)
-            acc["region_caption_kind_accuracy"].append(kind_ok)
-            own["correct"] = float(color_ok and kind_ok)
-        elif task == "count":
-            said = next((NUMBERS.index(w) for w in words(pred.text) if w in NUMBERS), None)
-            own["correct"] = float(str(said) == truth.info.get("count"))
-            acc["count_accuracy"].append(bool(own["correct"]))
-        elif task == "color_vqa":
-            colors = [w for w in words(pred.text) if w in COLORS]
-            own["correct"] = float(colors[-1:] == [truth.info.get("color")])
-            acc["color_vqa_accuracy"].append(bool(own["correct"]))
-        elif task == "instruction":
-            iou = first_box_iou(pred.boxes, truth.boxes)
-            own["iou"] = iou
-            acc["instruction_acc@0.5"].append(iou >= 0.5)
-        elif task in ("multi", "grounded_caption"):
-            hits = greedy_matches(pred.boxes, truth.boxes)
-            acc[f"{task}_recall@0.5"].append(hits / len(truth.boxes) if truth.boxes else 1.0)
-            acc[f"{task}_precision@0.5"].append(hits / len(pred.boxes) if pred.boxes else 0.0)
+        iou = first_box_iou(pred.boxes, truth.boxes)
+        own = {"iou": iou}
+        acc["rec_acc@0.5"].append(iou >= 0.5)
+        acc["rec_mean_iou"].append(iou)
+        if truth.info.get("expression_type"):
+            self.rec_by_expression[truth.info["expression_type"]].append(iou >= 0.5)
+        if pred.decoder_boxes is not None:
+            decoder_iou = first_box_iou(pred.decoder_boxes, truth.boxes)
+            acc["rec_decoder_acc@0.5"].append(decoder_iou >= 0.5)
+            acc["rec_decoder_mean_iou"].append(decoder_iou)
+        if truth.masks:
+            true_mask = truth.masks[0]
+            pred_mask = pred.masks[0] if pred.masks else np.zeros_like(true_mask)
+            inter = int((pred_mask & true_mask).sum())
+            union = int((pred_mask | true_mask).sum())
+            own["mask_iou"] = inter / union if union else 1.0
+            acc["mask_miou"].append(own["mask_iou"])
+            self.inter_sum += inter
+            self.union_sum += union
         return own
+
+    def _pope(self, truth: Truth, pred: Prediction) -> dict[str, float]:
+        yes, truth_yes = said_yes(pred.text), truth.info.get("label", "") == "yes"
+        self.pope[("tp" if yes else "fn") if truth_yes else ("fp" if yes else "tn")] += 1
+        self.values["pope_accuracy"].append(yes == truth_yes)
+        if not truth_yes and truth.info.get("strategy"):
+            self.values[f"pope_{truth.info['strategy']}_accuracy"].append(not yes)
+        return {"correct": float(yes == truth_yes)}
+
+    def _region_caption(self, truth: Truth, pred: Prediction) -> dict[str, float]:
+        said = words(pred.text)
+        color_ok = [w for w in said if w in COLORS][:1] == [truth.info.get("color")]
+        kind_ok = [w for w in said if w in KINDS][:1] == [truth.info.get("kind")]
+        self.values["region_caption_attribute_accuracy"].append(color_ok and kind_ok)
+        self.values["region_caption_color_accuracy"].append(color_ok)
+        self.values["region_caption_kind_accuracy"].append(kind_ok)
+        return {"correct": float(color_ok and kind_ok)}
+
+    def _count(self, truth: Truth, pred: Prediction) -> dict[str, float]:
+        said = next((NUMBERS.index(w) for w in words(pred.text) if w in NUMBERS), None)
+        correct = str(said) == truth.info.get("count")
+        self.values["count_accuracy"].append(correct)
+        return {"correct": float(correct)}
+
+    def _color_vqa(self, truth: Truth, pred: Prediction) -> dict[str, float]:
+        correct = [w for w in words(pred.text) if w in COLORS][-1:] == [truth.info.get("color")]
+        self.values["color_vqa_accuracy"].append(correct)
+        return {"correct": float(correct)}
+
+    def _instruction(self, truth: Truth, pred: Prediction) -> dict[str, float]:
+        iou = first_box_iou(pred.boxes, truth.boxes)
+        self.values["instruction_acc@0.5"].append(iou >= 0.5)
+        return {"iou": iou}
+
+    def _grounded_objects(self, truth: Truth, pred: Prediction) -> dict[str, float]:
+        """multi and grounded_caption: every true object found once, at IoU 0.5."""
+        hits = greedy_matches(pred.boxes, truth.boxes)
+        self.values[f"{truth.task}_recall@0.5"].append(hits / len(truth.boxes) if truth.boxes else 1.0)
+        self.values[f"{truth.task}_precision@0.5"].append(hits / len(pred.boxes) if pred.boxes else 0.0)
+        return {}
 
     def summary(self) -> dict:
         metrics = {k: float(np.mean(v)) for k, v in sorted(self.values.items())}

@@ -10,10 +10,9 @@ outcome to the request's ``done`` callback. Every request gets exactly one.
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import logging
 import queue
-import re
 import threading
 import time
 from collections import deque
@@ -24,7 +23,9 @@ from enum import IntEnum
 import numpy as np
 
 from .errors import ImageError, QueryError
-from .predictor import GroundedObject, NextChatPredictor
+from .predictor import DEFAULT_MAX_NEW_TOKENS, NextChatPredictor
+from .queries import choose_mode, read_query
+from .records import Frame, GroundedObject
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +40,7 @@ class Status(IntEnum):
     STALE_IMAGE = 4
     OVERLOADED = 5
     INTERNAL_ERROR = 6
-
-
-_frame_keys = itertools.count(1)
-
-
-@dataclass
-class Frame:
-    """A camera frame. ``image`` is RGB uint8, or None with ``error`` saying why the
-    message could not be used (a query paired with it gets BAD_IMAGE)."""
-
-    image: np.ndarray | None
-    stamp_ns: int = 0
-    frame_id: str = ""
-    received: float | None = None  # the service's clock; set by add_frame when None
-    error: str = ""
-    depth: np.ndarray | None = None  # float32 metres, image-sized; NaN or 0 = no reading
-    intrinsics: tuple[float, float, float, float] | None = None  # fx, fy, cx, cy
-    key: int = field(default_factory=lambda: next(_frame_keys))
+    INACTIVE = 7
 
 
 @dataclass
@@ -65,20 +49,15 @@ class Request:
     text: str
     regions: list = field(default_factory=list)  # pixel xyxy boxes, [k] in the text
     stamp_ns: int = 0  # 0 = the newest frame
-    mode: str = "auto"  # auto | generate | ground
+    mode: str = ""  # auto | generate | ground; "" = the service's default_mode
     frame: Frame | None = None  # an explicit image (the service call), else the camera's
     received: float | None = None  # the service's clock; set by submit when None
     done: Callable[[Outcome], None] | None = None
 
 
-@dataclass
-class ObjectResult:
-    phrase: str
-    score: float
-    box: np.ndarray  # pixel xyxy
-    mask: np.ndarray | None
-    mask_score: float
-    position: tuple[float, float, float] | None = None  # camera frame, metres
+# The service's objects are the predictor's records, with ``position`` filled in
+# where depth is known. The old name stays for one release.
+ObjectResult = GroundedObject
 
 
 @dataclass
@@ -87,19 +66,16 @@ class Outcome:
     status: Status
     error: str = ""
     text: str = ""
-    objects: list[ObjectResult] = field(default_factory=list)
+    objects: list[GroundedObject] = field(default_factory=list)
     frame: Frame | None = None
     mode: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # The query read as an instruction: the first object is its target (target_point).
+    instruction: bool = False
 
 
-_GROUND_QUERY = re.compile(r"^\s*(?:please\s+)?(?:where(?:'s| is| are)|find|locate|point (?:to|at)|show me|"
-                           r"detect|segment)\b", re.I)
-
-
-def choose_mode(text: str) -> str:
-    """``ground`` for questions that ask where one thing is, ``generate`` otherwise."""
-    return "ground" if _GROUND_QUERY.match(text or "") else "generate"
+__all__ = ["Frame", "GroundingService", "ObjectResult", "Outcome", "Request", "Status", "choose_mode",
+           "object_position"]
 
 
 def object_position(mask: np.ndarray, depth: np.ndarray, intrinsics) -> tuple[float, float, float] | None:
@@ -119,8 +95,11 @@ def object_position(mask: np.ndarray, depth: np.ndarray, intrinsics) -> tuple[fl
 
 class GroundingService:
     def __init__(self, predictor: NextChatPredictor, *, max_image_age: float = 2.0, frame_buffer: int = 8,
-                 queue_size: int = 8, default_mode: str = "auto", max_new_tokens: int = 48, masks: bool = True,
-                 frame_wait: float = 0.5, clock: Callable[[], float] = time.monotonic):
+                 queue_size: int = 8, default_mode: str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 masks: bool = True, frame_wait: float = 0.5, clock: Callable[[], float] = time.monotonic):
+        """``default_mode``: the answer mode of requests that name none (auto reads the
+        query, ``queries.read_query``). ``masks``: compute masks (without them there are
+        no masks' tight boxes and no 3D positions)."""
         self.predictor = predictor
         self.max_image_age = max_image_age
         # A query may name a frame that is still on its way (a large image travels
@@ -177,6 +156,10 @@ class GroundingService:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def queue_size(self) -> int:
+        return self._queue.maxsize
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker; requests still queued get INTERNAL_ERROR (never silence)."""
@@ -263,21 +246,18 @@ class GroundingService:
                 return Outcome(request, Status.BAD_IMAGE, str(exc), frame=frame)
             self._encoded_key = frame.key
             timings["image_encode_ms"] = encode["set_image_ms"]
-        mode = request.mode if request.mode != "auto" else choose_mode(request.text)
+        reading = read_query(request.text, request.mode or self.default_mode)
         try:
-            answer = self.predictor.ask(request.text, regions=request.regions or None, mode=mode,
+            answer = self.predictor.ask(request.text, regions=request.regions or None, mode=reading.mode,
                                         max_new_tokens=self.max_new_tokens, masks=self.masks)
         except QueryError as exc:
-            return Outcome(request, Status.BAD_QUERY, str(exc), frame=frame, mode=mode)
+            return Outcome(request, Status.BAD_QUERY, str(exc), frame=frame, mode=reading.mode)
         except ImageError as exc:
-            return Outcome(request, Status.BAD_IMAGE, str(exc), frame=frame, mode=mode)
+            return Outcome(request, Status.BAD_IMAGE, str(exc), frame=frame, mode=reading.mode)
         timings["llm_ms"] = answer.timings_ms["llm_ms"]
         timings["mask_ms"] = answer.timings_ms["mask_ms"]
-        objects = [self._object(o, frame) for o in answer.objects]
+        objects = [dataclasses.replace(o, position=object_position(o.mask, frame.depth, frame.intrinsics))
+                   for o in answer.objects]
         timings["total_ms"] = (self.clock() - request.received) * 1e3
-        return Outcome(request, Status.OK, "", answer.text, objects, frame, mode, timings)
-
-    @staticmethod
-    def _object(obj: GroundedObject, frame: Frame) -> ObjectResult:
-        position = object_position(obj.mask, frame.depth, frame.intrinsics) if obj.mask is not None else None
-        return ObjectResult(obj.phrase, obj.score, obj.box, obj.mask, obj.mask_score, position)
+        return Outcome(request, Status.OK, "", answer.text, objects, frame, reading.mode, timings,
+                       reading.instruction)

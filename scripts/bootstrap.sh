@@ -8,12 +8,19 @@
 #
 #   NEXTCHAT_VENV   where the venv lives (default: <repo>/.venv)
 #   PYTHON          the interpreter to build the venv from (default: python3)
+#   NEXTCHAT_REQUIREMENTS  the pinned requirements file (default: <repo>/requirements.txt;
+#                   scripts/test_numpy1.sh gives a copy with numpy 1.26)
+#   NEXTCHAT_ROS2_TOOLS  a folder with the ROS 2 tooling PyPI lacks (launch, ros2cli,
+#                   vision_msgs) and its install.sh (default: <repo>/../shared/ros2,
+#                   where CI has it); without it `ros2 launch` and the tests that
+#                   run it are skipped
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${NEXTCHAT_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 STAMPS="$VENV/.nextchat-stamps"
+REQUIREMENTS="${NEXTCHAT_REQUIREMENTS:-$ROOT/requirements.txt}"
 T0=$SECONDS
 
 say() { printf '[bootstrap %3ds] %s\n' "$((SECONDS - T0))" "$*"; }
@@ -30,10 +37,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 # 2. Pinned packages.
-req_hash=$(hash_of requirements.txt requirements-runtime.txt)
+req_hash=$(hash_of "$REQUIREMENTS" requirements-runtime.txt)
 if ! stamp_ok requirements "$req_hash"; then
-  say "installing pinned packages from requirements.txt (first time: ~2 min, torch is 5 GB)"
-  quiet_pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt"
+  say "installing pinned packages from $(basename "$REQUIREMENTS") (first time: ~2 min, torch is 5 GB)"
+  quiet_pip install -q --disable-pip-version-check -r "$REQUIREMENTS"
   "$VENV/bin/python" -c "import torch, torchvision, segment_anything, transformers, rclpy, onnxruntime" \
     || { say "ERROR: the pinned packages do not import; see pip's output above"; exit 1; }
   # The ROS wheels' CMake exports name the wheel builder's Python and numpy
@@ -88,6 +95,12 @@ fi
 # (see setup.py); make them importable.
 site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 printf '%s\n%s\n' "$ROOT/training" "$ROOT/export" > "$site/nextchat_ros_training.pth"
+
+# 5. The real `ros2` tooling (launch, ros2cli, vision_msgs), where its sources are here.
+tools="${NEXTCHAT_ROS2_TOOLS:-$ROOT/../shared/ros2}"
+if [ -x "$tools/install.sh" ] || [ -f "$tools/install.sh" ]; then
+  bash "$tools/install.sh" "$VENV" 2>&1 | sed -e '/is ignored: it is neither/d' -e 's/^/[bootstrap] /'
+fi
 
 "$VENV/bin/python" -c "import nextchat_ros.msg, nextchat_ros.srv, nextchat_training, nextchat_export" \
   || { say "ERROR: nextchat_ros messages do not import from $VENV"; exit 1; }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def scene():
-    from nextchat_ros.scenes import render_scene
+    from nextchat_ros.synthetic.scenes import render_scene
 
     return render_scene(7, height=120, width=160)
 
@@ -56,3 +58,30 @@ def saved_tiny(tiny_model, tmp_path_factory):
 
 def random_image(height=96, width=128, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+VENV = Path(sys.prefix)
+_WORKSPACE_IGNORE = shutil.ignore_patterns(".venv", ".venv-numpy1", ".git", "build", "install", "log", "out",
+                                           "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", "*.egg-info")
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A colcon workspace holding this repository, built once for every test that needs it."""
+    ws = tmp_path_factory.mktemp("colcon_ws")
+    shutil.copytree(ROOT, ws / "src" / "nextchat_ros", ignore=_WORKSPACE_IGNORE)
+    env = dict(os.environ, AMENT_PREFIX_PATH=str(VENV), CMAKE_PREFIX_PATH=str(VENV),
+               PATH=f"{VENV / 'bin'}:{os.environ['PATH']}")
+    build = subprocess.run(
+        [str(VENV / "bin" / "colcon"), "build", "--event-handlers", "console_direct-",
+         "--cmake-args", f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF"],
+        cwd=ws, env=env, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return ws
+
+
+def sourced(workspace, command: str) -> list[str]:
+    """``command`` in a shell that sourced the workspace, as a user's terminal does (with
+    this venv's `ros2` on PATH, where an apt install has /opt/ros/<distro>)."""
+    underlay = f"export PATH='{VENV / 'bin'}':\"$PATH\" AMENT_PREFIX_PATH='{VENV}'"
+    return ["bash", "-c", f"{underlay} && source '{workspace}/install/setup.bash' && exec {command}"]

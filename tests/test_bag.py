@@ -34,12 +34,12 @@ def synthetic_bag(tmp_path_factory) -> Path:
 
 
 def test_recorded_bag_reads_back_with_rosbags(synthetic_bag):
-    from nextchat_training.data import SyntheticTabletop
-    from nextchat_training.evaluate import EVAL_TASK_WEIGHTS
     from rosbags.highlevel import AnyReader
 
     from nextchat_ros.bag.io import typestore
     from nextchat_ros.ros_images import mono8_mask, stamp_to_ns
+    from nextchat_ros.synthetic.evaluate import EVAL_TASK_WEIGHTS
+    from nextchat_ros.synthetic.samples import SyntheticTabletop
 
     stream = SyntheticTabletop("heldout", EVAL_TASK_WEIGHTS)
     with AnyReader([synthetic_bag], default_typestore=typestore()) as reader:
@@ -159,27 +159,24 @@ def test_truncated_bag_keeps_what_was_scored(synthetic_bag, tmp_path):
 def test_garbage_bags_missing_topics_and_unknown_types_are_clear_errors(tmp_path, synthetic_bag):
     from nextchat_ros.bag.io import BagWriter, msg_class, serialize
     from nextchat_ros.bag.record import camera_info_message
+    from tests.test_cli import nextchat_each
 
     (tmp_path / "empty").mkdir()
-    done = nextchat("bag", "eval", "--bag", tmp_path / "empty", "--offline", "--out", tmp_path / "e1")
-    assert done.returncode == 2 and "not a rosbag2 directory" in done.stderr
-    done = nextchat("bag", "eval", "--bag", tmp_path / "nowhere", "--offline", "--out", tmp_path / "e2")
-    assert done.returncode == 2 and "no bag at" in done.stderr
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "garbage.mcap").write_bytes(os.urandom(4096))
-    done = nextchat("bag", "eval", "--bag", garbage, "--offline", "--out", tmp_path / "e3")
-    assert done.returncode == 2 and "cannot read the bag" in done.stderr
     no_images = tmp_path / "no_images"
     with BagWriter(no_images) as bag:
         bag.add("/camera/camera_info", "sensor_msgs/msg/CameraInfo")
         bag.write("/camera/camera_info", 1, serialize(camera_info_message(4, 4, None, 1, "c"),
                                                        "sensor_msgs/msg/CameraInfo"))
-    done = nextchat("bag", "eval", "--bag", no_images, "--offline", "--out", tmp_path / "e4")
-    assert done.returncode == 2 and "no sensor_msgs/msg/Image topic" in done.stderr
-    done = nextchat("bag", "eval", "--bag", synthetic_bag, "--offline", "--image-topic", "/nope",
-                    "--out", tmp_path / "e5")
-    assert done.returncode == 2 and "has no topic '/nope'" in done.stderr
+    cases = [([tmp_path / "empty"], "not a rosbag2 directory"), ([tmp_path / "nowhere"], "no bag at"),
+             ([garbage], "cannot read the bag"), ([no_images], "no sensor_msgs/msg/Image topic"),
+             ([synthetic_bag, "--image-topic", "/nope"], "has no topic '/nope'")]
+    runs = nextchat_each(*[["bag", "eval", "--offline", "--out", tmp_path / f"e{k}", "--bag", *args]
+                           for k, (args, _) in enumerate(cases)])
+    for (args, message), done in zip(cases, runs):
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
     with pytest.raises(Exception, match="unknown message type 'my_msgs/msg/Thing'"):
         msg_class("my_msgs/msg/Thing")
     assert msg_class("std_msgs/msg/String")(data="x").data == "x"
@@ -189,7 +186,7 @@ def test_robot_bag_without_truth_gives_latency_and_overlays(tmp_path):
     """A robot's own recording: camera frames and plain-text queries, nothing else."""
     from nextchat_ros.bag.io import BagWriter, msg_class, serialize
     from nextchat_ros.bag.record import image_message
-    from nextchat_ros.scenes import render_scene
+    from nextchat_ros.synthetic.scenes import render_scene
 
     bag = tmp_path / "robot"
     t0 = 1_700_000_000 * 10**9

@@ -17,6 +17,23 @@ def nextchat(*args, cwd=ROOT):
     return subprocess.run([NEXTCHAT, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def nextchat_each(*arg_lists, cwd=ROOT) -> list[subprocess.CompletedProcess]:
+    """Several independent `nextchat` runs at once (each pays torch's import and a
+    model load; run one after another they cost most of these tests' time)."""
+    processes = [subprocess.Popen([NEXTCHAT, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for args in arg_lists]
+    done = []
+    for args, process in zip(arg_lists, processes):
+        try:
+            out, err = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        done.append(subprocess.CompletedProcess([NEXTCHAT, *map(str, args)], process.returncode, out, err))
+    return done
+
+
 def test_help_explains_the_commands():
     out = nextchat("--help")
     assert out.returncode == 0
@@ -47,26 +64,25 @@ def test_ground_errors_are_one_clear_line(saved_tiny, scene, tmp_path):
     image = tmp_path / "scene.png"
     Image.fromarray(scene.image).save(image)
     cases = [
-        (["--image", tmp_path / "missing.png", "--query", "hi"], "image file not found"),
-        (["--image", image, "--query", "   "], "the query is empty"),
-        (["--image", image, "--query", "what is [0]?", "--region", "1,2,3"], "four numbers"),
-        (["--image", image, "--query", "what is [0]?", "--region", "0,0,9999,10"], "outside"),
+        (["--model", saved_tiny, "--image", tmp_path / "missing.png", "--query", "hi"], "image file not found"),
+        (["--model", saved_tiny, "--image", image, "--query", "   "], "the query is empty"),
+        (["--model", saved_tiny, "--image", image, "--query", "what is [0]?", "--region", "1,2,3"], "four numbers"),
+        (["--model", saved_tiny, "--image", image, "--query", "what is [0]?", "--region", "0,0,9999,10"], "outside"),
+        (["--model", tmp_path / "no-model", "--image", image, "--query", "hi"], "model directory not found"),
     ]
-    for args, message in cases:
-        out = nextchat("ground", "--model", saved_tiny, *args)
+    for (_, message), out in zip(cases, nextchat_each(*[["ground", *args] for args, _ in cases])):
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
-    out = nextchat("ground", "--model", tmp_path / "no-model", "--image", image, "--query", "hi")
-    assert out.returncode == 2 and "model directory not found" in out.stderr
 
 
 def test_evaluate_one_task_on_its_own_questions(saved_tiny):
-    from nextchat_training.data import TASKS
+    from nextchat_ros.synthetic.samples import TASKS
 
-    helped = nextchat("evaluate", "--help")  # the choices a user is offered: every task the data makes
+    helped, out, refused = nextchat_each(
+        ["evaluate", "--help"],  # the choices a user is offered: every task the data makes
+        ["evaluate", "--model", saved_tiny, "--task", "pope", "--num-samples", 5, "--json"],
+        ["evaluate", "--model", saved_tiny, "--task", "juggling"])
     assert helped.returncode == 0 and "{" + ",".join(TASKS) + "}" in helped.stdout, helped.stdout
-    out = nextchat("evaluate", "--model", saved_tiny, "--task", "pope", "--num-samples", 5, "--json")
     assert out.returncode == 0, out.stderr
     metrics = json.loads(out.stdout)
     assert metrics["task_counts"] == {"pope": 5} and 0.0 <= metrics["pope_accuracy"] <= 1.0
-    refused = nextchat("evaluate", "--model", saved_tiny, "--task", "juggling")
     assert refused.returncode != 0 and "invalid choice" in refused.stderr

@@ -1,40 +1,18 @@
 """`colcon build` of a workspace holding this repository gives what `ros2 launch`
 and `ros2 run` look for, and the installed node starts with a parameter file."""
 
-import os
-import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sourced
 
 pytestmark = [pytest.mark.colcon, pytest.mark.ros]
-VENV = Path(sys.prefix)
-IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "install", "log", "out", "__pycache__", "*.pyc",
-                                ".pytest_cache", ".ruff_cache", "*.egg-info")
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("colcon_ws")
-    shutil.copytree(ROOT, ws / "src" / "nextchat_ros", ignore=IGNORE)
-    env = dict(os.environ, AMENT_PREFIX_PATH=str(VENV), CMAKE_PREFIX_PATH=str(VENV),
-               PATH=f"{VENV / 'bin'}:{os.environ['PATH']}")
-    build = subprocess.run(
-        [str(VENV / "bin" / "colcon"), "build", "--event-handlers", "console_direct-",
-         "--cmake-args", f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF"],
-        cwd=ws, env=env, capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    return ws
-
-
 def test_install_tree_has_what_ros2_launch_and_run_need(workspace):
     prefix = workspace / "install" / "nextchat_ros"
     assert (prefix / "share/ament_index/resource_index/packages/nextchat_ros").is_file()
@@ -52,10 +30,6 @@ def test_install_tree_has_what_ros2_launch_and_run_need(workspace):
     # our __init__ (which also finds the generated modules) replaced rosidl's empty one
     assert "extend_path" in (site / "__init__.py").read_text()
     compile(( prefix / "share/nextchat_ros/launch/grounding.launch.py").read_text(), "launch", "exec")
-
-
-def sourced(workspace, command: str) -> list[str]:
-    return ["bash", "-c", f"source '{workspace}/install/setup.bash' && exec {command}"]
 
 
 def test_installed_node_reads_its_parameter_file(workspace, tmp_path, saved_tiny):

@@ -104,6 +104,30 @@ def test_engine_sidecars_must_match_this_machine(tmp_path):
         check_sidecar(sidecar, {"tensorrt": "10.8.0", "gpu": "Orin"}, tmp_path / "vision.engine.json")
 
 
+def test_a_stale_engine_says_why_and_what_rebuilds_it(tmp_path):
+    from nextchat_ros.tensorrt_engines import stale_engine_reason
+
+    here = {"tensorrt": "10.8.0", "gpu": "Orin"}
+    sidecar = {"tensorrt": "10.8.0", "gpu": "Orin", "model_fingerprint": "abc"}
+    assert stale_engine_reason(sidecar, here, "abc") is None
+    assert stale_engine_reason(sidecar, here, "def") == "was built from another model's export"
+    assert stale_engine_reason(dict(sidecar, gpu="NVIDIA H100"), here).startswith("was built for gpu 'NVIDIA H100'")
+    with pytest.raises(BackendError, match="rebuild_engines"):
+        check_sidecar(dict(sidecar, tensorrt="10.3.0"), here, tmp_path / "mask.engine.json")
+
+
+def test_rebuilding_engines_needs_tensorrt_and_otherwise_falls_back(tiny_model, exported):
+    """Testable here up to the import of tensorrt, which this machine lacks."""
+    out, _ = exported
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        backend = load_backend("tensorrt", tiny_model, out, rebuild_engines=True)
+        assert isinstance(backend, OnnxRuntimeBackend) and "TensorRT is not installed" in backend.fallback_reason
+    else:
+        pytest.skip("TensorRT is installed: the engine tests cover it")
+
+
 def test_trtexec_commands_cover_every_part_with_profiles(exported):
     out, _ = exported
     commands = trtexec_commands(out)

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from nextchat_training.losses import box_loss, cycle_loss, dice_loss, focal_loss, lm_loss, mask_iou, mask_loss
 
 from nextchat_ros.model.heads import BoxDecoder, BoxEncoder
-from nextchat_ros.model.losses import box_loss, cycle_loss, dice_loss, focal_loss, lm_loss, mask_iou, mask_loss
 
 
 def test_lm_loss_uses_every_sample_and_shifts():

@@ -4,12 +4,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from nextchat_training.objective import NextChatObjective, collate, loss_weights
 from tokenizers import AddedToken, Tokenizer
 
 from nextchat_ros.model import NextChatModel, get_preset
 from nextchat_ros.model.build import TINY_TOKENIZER_DIR
 from nextchat_ros.model.config import NextChatConfig, full_config
-from nextchat_ros.model.nextchat import collate
 from nextchat_ros.model.tokenizer import TextTokenizer
 
 
@@ -77,7 +77,7 @@ def test_training_forward_computes_every_loss_and_reaches_every_head(tiny_model,
     batch = collate([ex1, ex2], pad_id=model.tokenizer.eos_id, vision_pixels=torch.randn(2, 3, s, s),
                     sam_pixels=torch.randn(2, 3, ss, ss), mask_targets=masks)
     assert batch.input_ids.shape[0] == 2 and batch.loc_boxes.shape == (4, 4)
-    out = model(batch)
+    out = NextChatObjective(model, loss_weights("tiny"))(batch)
     for name in ("lm", "box", "cycle", "mask", "loss"):
         assert torch.isfinite(out[name]) and out[name].item() > 0, name
     assert out["pred_boxes"].shape == (3, 4)
@@ -119,8 +119,10 @@ def test_config_round_trip_and_registry(tmp_path):
 def test_grounding_attention_recomputes_the_llms_own_attention(scene):
     """The auxiliary loss supervises exactly the attention the LLM computes: head 0
     of the last layer, from a trigger, equals transformers' own eager attention."""
+    from nextchat_training.objective import capture_layer_input, last_layer_head0_attention
+
     from nextchat_ros.model import build_model
-    from nextchat_ros.model.nextchat import capture_layer_input, last_layer_head0_attention, patch_coverage
+    from nextchat_ros.model.heads import patch_coverage
     from nextchat_ros.model.vision import preprocess_image
 
     model = build_model("tiny", seed=3).eval()
@@ -144,7 +146,7 @@ def test_grounding_attention_recomputes_the_llms_own_attention(scene):
 def test_answer_attention_targets_point_answers_at_what_they_are_about(tiny_model):
     """Region captions look at the region asked about from each answer word; a grounded
     answer's first word looks at its objects; a bare "no" has no target."""
-    from nextchat_ros.model.nextchat import answer_attention_targets, collate
+    from nextchat_training.objective import answer_attention_targets
 
     tok = tiny_model.tokenizer
     region, cube, ball = [0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.2, 0.6, 0.3, 0.8]
@@ -193,9 +195,10 @@ def test_packed_turns_compute_what_single_turns_do(tiny_model):
     assert packed.turns.max() == 4 and packed.input_ids.shape[1] < single.input_ids.numel()
     (position, _), = packed_example.look
     assert tok.decode(packed_example.input_ids[position - 1:position + 1]).strip() == "red cube"
+    objective = NextChatObjective(model, loss_weights("tiny"))
     with torch.no_grad():
-        a, b = model(single), model(packed)
-        without_look = model(collate([*examples[:3], replace(examples[3], look=[])], tok.eos_id,
+        a, b = objective(single), objective(packed)
+        without_look = objective(collate([*examples[:3], replace(examples[3], look=[])], tok.eos_id,
                                      vision.expand(4, -1, -1, -1), sam.expand(4, -1, -1, -1), masks))
     for term in ("lm", "box", "cycle", "attention", "answer_attention", "mask", "pred_boxes"):
         assert torch.allclose(a[term], b[term], atol=1e-5), (term, a[term], b[term])

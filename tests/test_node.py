@@ -1,9 +1,7 @@
 """The grounding node in its own process, over a real rclpy graph."""
 
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -11,10 +9,11 @@ import numpy as np
 import pytest
 from sensor_msgs.msg import CameraInfo
 
+from nextchat_ros import node_process
 from nextchat_ros.msg import GroundingResult, Query
 from nextchat_ros.node import SHUTDOWN_GRACE_S
 from nextchat_ros.ros_client import GroundingClient, image_msg, result_objects
-from nextchat_ros.scenes import render_scene
+from nextchat_ros.synthetic.scenes import render_scene
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.ros
@@ -24,36 +23,24 @@ LAUNCH_SIGTERM_AFTER_S = 5.0  # ros2 launch escalates to SIGTERM this long after
 
 
 def start_node(log_path, ns: str, *params: str, program=("-m", "nextchat_ros.node")) -> subprocess.Popen:
-    """The node in its own process with the shipped model (its default), as a user gets
-    it; its output goes to a file (a pipe nobody reads can fill and block it)."""
-    ros_args = ["--ros-args", "-r", f"__ns:={ns}", *[a for p in params for a in ("-p", p)]]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, *program, *ros_args], cwd=ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    process.log_path = log_path
-    return process
+    """The node in its own process with the shipped model (its default), as a user gets it."""
+    return node_process.start_node(ns, dict(p.split(":=", 1) for p in params), log_path, program, cwd=ROOT)
 
 
 def stop_node(process: subprocess.Popen, timeout: float = 30.0) -> tuple[int, str, float]:
     """SIGINT, then wait: (exit status, the node's output, seconds from SIGINT to exit).
     A node still running after ``timeout`` is killed and the test fails with its output."""
-    t0 = time.monotonic()
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"the node was still running {timeout:.0f} s after SIGINT; its output:\n"
-                    f"{process.log_path.read_text()[-3000:]}")
-    return process.returncode, process.log_path.read_text(), time.monotonic() - t0
+    end = node_process.stop_node(process, timeout)
+    if end.killed:
+        pytest.fail(f"the node was still running {timeout:.0f} s after SIGINT; its output:\n{end.log[-3000:]}")
+    return end.returncode, end.log, end.seconds
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     process = start_node(tmp_path_factory.mktemp("node") / "node.log", NS,
-                         "max_image_pixels:=100000", "max_image_age:=30.0", "queue_size:=16")
+                         "max_image_pixels:=100000", "max_image_age:=30.0", "queue_size:=16",
+                         "subscribe_compressed:=true")
     client = GroundingClient(NS)
     try:
         client.wait_for_node()
@@ -196,6 +183,117 @@ def test_bad_queries_get_their_status_and_the_node_keeps_serving(client, query_i
     assert client.ask(f"{query_id}-after", "where is the cube?").status == OK
 
 
+def compressed_msg(image, image_format: str, stamp_ns: int, data: bytes | None = None):
+    import io
+
+    from PIL import Image as PILImage
+    from sensor_msgs.msg import CompressedImage
+
+    if data is None:
+        buffer = io.BytesIO()
+        PILImage.fromarray(image).save(buffer, format=image_format.upper(), quality=95)
+        data = buffer.getvalue()
+    msg = CompressedImage(format=image_format, data=data)
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+    msg.header.frame_id = "compressed_camera"
+    return msg
+
+
+@pytest.fixture(scope="module")
+def compressed_pub(node):
+    from sensor_msgs.msg import CompressedImage
+
+    client = node[1]
+    pub = client.node.create_publisher(CompressedImage, f"{NS}/image/compressed", 10)
+    deadline = time.monotonic() + 30
+    while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pub.get_subscription_count() > 0, "the node does not subscribe to image/compressed"
+    time.sleep(0.5)
+    return pub
+
+
+def ask_about_stamp(client, pub, msg, query_id: str):
+    """Publish (best effort: again if the frame was lost) and ask about that frame's stamp."""
+    stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+    for attempt in range(5):
+        pub.publish(msg)
+        time.sleep(0.3)
+        result = client.ask(f"{query_id}-{attempt}", "where is the cube?", stamp_ns=stamp_ns)
+        if result.status not in (GroundingResult.STATUS_STALE_IMAGE, GroundingResult.STATUS_NO_IMAGE):
+            return result
+    return result
+
+
+@pytest.mark.parametrize("image_format", ["jpeg", "png"])
+def test_compressed_images_are_answered_like_raw_ones(client, compressed_pub, image_format):
+    scene = render_scene(9, height=240, width=320)
+    stamp_ns = 1_700_000_020_000_000_000 + (image_format == "png")
+    msg = compressed_msg(scene.image, image_format, stamp_ns)
+    result = ask_about_stamp(client, compressed_pub, msg, f"compressed-{image_format}")
+    assert result.status == OK, result.error
+    assert result.header.stamp == msg.header.stamp and result.header.frame_id == "compressed_camera"
+    assert len(result.objects) == 1 and result.objects[0].mask.width == 320
+
+
+@pytest.mark.parametrize("name,image_format,data,message", [
+    ("garbage", "jpeg", b"this is not a jpeg", "cannot be decoded"),
+    ("truncated", "png", None, "cannot be decoded"),
+    ("empty", "jpeg", b"", "cannot be decoded"),
+    ("oversized", "png", None, "the limit is 0.1 MP"),  # > max_image_pixels (100000) once decoded
+])
+def test_bad_compressed_images_get_bad_image_and_the_node_keeps_serving(client, compressed_pub, name, image_format,
+                                                                         data, message):
+    import io
+
+    from PIL import Image as PILImage
+
+    size = (400, 400) if name == "oversized" else (64, 48)
+    if data is None:
+        buffer = io.BytesIO()
+        PILImage.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+        data = buffer.getvalue()[: 60 if name == "truncated" else None]
+    stamp_ns = 1_700_000_030_000_000_000 + ["garbage", "truncated", "empty", "oversized"].index(name)
+    result = ask_about_stamp(client, compressed_pub, compressed_msg(None, image_format, stamp_ns, data), f"bad-{name}")
+    assert result.status == GroundingResult.STATUS_BAD_IMAGE, (name, result.status, result.error)
+    assert message in result.error
+    _scene, msg = scene_frame(5, 1_700_000_031_000_000_000)
+    client.publish_frame(msg)
+    assert client.ask_text(f"where is the ball? (after {name})").status == OK
+
+
+def test_detections_are_vision_msgs_with_each_objects_box_score_and_phrase(client):
+    vision_msgs = pytest.importorskip("vision_msgs.msg", reason="vision_msgs is not installed "
+                                                                "(../shared/ros2/install.sh VENV)")
+    arrays = []
+    sub = client.node.create_subscription(vision_msgs.Detection2DArray, f"{NS}/detections", arrays.append, 10)
+    try:
+        deadline = time.monotonic() + 30
+        while sub.get_publisher_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        _scene, msg = scene_frame(11, 1_700_000_040_000_000_000)
+        client.publish_frame(msg)
+        result = client.ask_text("describe the image.")
+        assert result.status == OK and result.objects, result.error
+        deadline = time.monotonic() + 10
+        while not arrays and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert arrays, "no Detection2DArray arrived"
+        detections = arrays[-1]
+        assert detections.header.stamp == msg.header.stamp and detections.header.frame_id == "camera"
+        assert len(detections.detections) == len(result.objects)
+        for detection, obj in zip(detections.detections, result.objects):
+            assert detection.header.stamp == msg.header.stamp
+            assert (detection.bbox.center.position.x, detection.bbox.center.position.y, detection.bbox.size_x,
+                    detection.bbox.size_y) == pytest.approx((obj.center_x, obj.center_y, obj.size_x, obj.size_y))
+            (hypothesis,) = detection.results
+            assert hypothesis.hypothesis.class_id == obj.phrase
+            assert hypothesis.hypothesis.score == pytest.approx(obj.score)
+    finally:
+        client.node.destroy_subscription(sub)
+
+
 def test_a_query_for_an_unknown_frame_stamp_is_refused(client):
     _scene, msg = scene_frame(7, 1_700_000_013_000_000_000)
     client.publish_frame(msg)
@@ -263,9 +361,8 @@ def test_a_teardown_that_hangs_is_cut_short_with_the_stacks(tmp_path):
 def test_shipped_model_grounds_held_out_scenes_over_ros(tmp_path):
     """The node's default model, over ROS, on the first 10 held-out referring expressions
     (the first of each scene): a box at IoU >= 0.5 on at least 8."""
-    from nextchat_training.data import SyntheticTabletop
-
     from nextchat_ros.scoring import box_iou
+    from nextchat_ros.synthetic.samples import SyntheticTabletop
 
     ns = f"/nextchat_shipped_{os.getpid()}"
     process = start_node(tmp_path / "node.log", ns, "max_image_age:=30.0")

@@ -20,8 +20,10 @@ def test_generated_types_import_with_their_fields():
     assert {"header", "query_id", "query", "answer", "objects", "status", "error", "total_ms"} <= set(
         result.get_fields_and_field_types())
     assert GroundingResult.STATUS_OK == 0 and GroundingResult.STATUS_OVERLOADED != GroundingResult.STATUS_OK
-    statuses = {v for k, v in vars(GroundingResult).items() if k.startswith("STATUS_")}
-    assert len(statuses) == 7
+    from nextchat_ros.service import Status
+
+    statuses = {k[len("STATUS_"):]: v for k, v in vars(GroundingResult).items() if k.startswith("STATUS_")}
+    assert statuses == {s.name: int(s) for s in Status}  # the service's statuses are the message's
     assert GroundedObject().get_fields_and_field_types()["mask"] == "sensor_msgs/Image"
     assert Query().get_fields_and_field_types()["regions"] == "sequence<sensor_msgs/RegionOfInterest>"
     request_fields = Ground.Request().get_fields_and_field_types()

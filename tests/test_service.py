@@ -147,7 +147,10 @@ def test_positions_are_back_projected_from_the_median_depth():
 
 
 @pytest.mark.parametrize("text,mode", [("where is the red cup?", "ground"), ("Find the ball", "ground"),
-                                       ("pick up the cube", "generate"), ("describe [0].", "generate")])
+                                       ("which object is the red cube?", "ground"),
+                                       ("can you please locate the mug", "ground"),
+                                       ("find all the cups.", "generate"), ("pick up the cube", "generate"),
+                                       ("describe [0].", "generate"), ("is there a cup?", "generate")])
 def test_auto_mode(text, mode):
     assert choose_mode(text) == mode
 

@@ -1,11 +1,13 @@
 """The synthetic tabletop data: deterministic, exact, and fitting the prompt template."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
-from nextchat_training.data import TASKS, SyntheticTabletop, make_sample, referring_expressions
 
 from nextchat_ros.images import pixels_to_normalized
-from nextchat_ros.scenes import COLORS, SIZES, render_scene
+from nextchat_ros.synthetic.samples import TASKS, SyntheticTabletop, make_sample, referring_expressions
+from nextchat_ros.synthetic.scenes import COLORS, SIZES, render_scene
 
 
 def test_scenes_and_samples_are_deterministic():
@@ -50,7 +52,7 @@ def test_packed_items_hold_every_samples_turn_and_masks(tiny_model):
 def test_object_patch_targets_cover_each_object_exactly(tiny_model):
     from nextchat_training.batches import SyntheticItems, object_patch_targets
 
-    from nextchat_ros.scenes import KINDS
+    from nextchat_ros.synthetic.scenes import KINDS
 
     scene = render_scene(3, num_objects=(4, 6))
     cover, colors, kinds = object_patch_targets(scene, tiny_model.config)
@@ -136,7 +138,7 @@ def test_referring_expressions_name_one_object():
 def test_a_relations_anchor_name_in_the_question_looks_at_the_anchor(tiny_model):
     from nextchat_training.batches import SyntheticItems
 
-    from nextchat_ros.scoring import expression_type
+    from nextchat_ros.synthetic.samples import expression_type
 
     stream = SyntheticTabletop("train", {"rec": 1.0})
     anchored = 0
@@ -172,7 +174,17 @@ def test_a_relations_anchor_name_in_the_question_looks_at_the_anchor(tiny_model)
 
 
 def test_rec_accuracy_is_reported_per_kind_of_referring_expression():
-    from nextchat_ros.scoring import Prediction, Scoreboard, Truth, expression_type
+    from nextchat_ros.records import GroundedObject
+    from nextchat_ros.scoring import Prediction, Scoreboard, Truth
+    from nextchat_ros.synthetic.evaluate import sample_truth
+    from nextchat_ros.synthetic.samples import Sample, expression_type
+
+    def pred(box, decoder_box=None):
+        return Prediction("", [GroundedObject("", np.array(box), 1.0, decoder_box=decoder_box)])
+
+    def truth(expression=None):
+        sample = Sample("rec", "", "", truth={"expression": expression} if expression else {})
+        return replace(sample_truth(sample), boxes=[box])
 
     seen = {expression_type(e) for seed in range(80) for scene in [render_scene(seed)]
             for o in scene.objects for e in referring_expressions(scene, o)}
@@ -183,18 +195,18 @@ def test_rec_accuracy_is_reported_per_kind_of_referring_expression():
     assert expression_type("object nearest to the ring") == "nearest to anchor"
     box = [10, 10, 50, 50]
     board = Scoreboard()
-    board.add(Truth("rec", boxes=[box], info={"expression": "green object"}), Prediction("", [box]))
-    board.add(Truth("rec", boxes=[box], info={"expression": "blue object"}), Prediction("", [[60, 60, 90, 90]]))
-    board.add(Truth("rec", boxes=[box], info={"expression": "cup left of the cube"}), Prediction("", [box]))
-    board.add(Truth("rec", boxes=[box]), Prediction("", [box]))  # real data: no expression to sort by
+    board.add(truth("green object"), pred(box))
+    board.add(truth("blue object"), pred([60, 60, 90, 90]))
+    board.add(truth("cup left of the cube"), pred(box))
+    board.add(Truth("rec", boxes=[box]), pred(box))  # real data: no expression to sort by
     metrics = board.summary()
     assert metrics["rec_acc@0.5"] == 0.75
     assert metrics["rec_acc@0.5_by_expression"] == {"color object": 0.5, "relation": 1.0}
     assert metrics["rec_count_by_expression"] == {"color object": 2, "relation": 1}
     assert "rec_decoder_acc@0.5" not in metrics  # only where the predictions carry decoder boxes
     board = Scoreboard()  # boxes from masks, and the box decoder's own boxes beside them
-    board.add(Truth("rec", boxes=[box]), Prediction("", [box], decoder_boxes=[[30, 30, 70, 70]]))
-    board.add(Truth("rec", boxes=[box]), Prediction("", [box], decoder_boxes=[box]))
+    board.add(Truth("rec", boxes=[box]), pred(box, [30, 30, 70, 70]))
+    board.add(Truth("rec", boxes=[box]), pred(box, box))
     metrics = board.summary()
     assert metrics["rec_acc@0.5"] == 1.0 and metrics["rec_decoder_acc@0.5"] == 0.5
     assert metrics["rec_decoder_mean_iou"] == pytest.approx((400 / 2800 + 1.0) / 2)

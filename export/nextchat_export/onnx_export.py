@@ -26,7 +26,7 @@ from nextchat_ros.backends import MANIFEST, model_fingerprint
 from nextchat_ros.model.parts import MaskPart, SamEncoderPart, VisionPart
 from nextchat_ros.model.sam import preprocess_image as sam_preprocess
 from nextchat_ros.model.vision import preprocess_image as vision_preprocess
-from nextchat_ros.scenes import render_scene
+from nextchat_ros.synthetic.scenes import render_scene
 
 FP32_TOLERANCE = 1e-4
 # fp16 keeps ~3 significant digits per operation and the errors add up over a

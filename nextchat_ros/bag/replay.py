@@ -16,9 +16,7 @@ is kept and the error is reported with it.
 from __future__ import annotations
 
 import importlib
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -27,8 +25,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..ros_images import roi_to_xyxy, stamp_to_ns
+from .. import node_process
+from ..predictor import DEFAULT_MAX_NEW_TOKENS
+from ..ros_images import image_frame, roi_to_xyxy, stamp_to_ns
+from ..ros_messages import result_objects
 from ..scoring import Prediction, Truth
+from ..service import GroundingService, Request
 from .io import BagError, BagInfo, BagWriter, bag_info, deserialize, read_messages
 from .record import CAMERA_INFO_TYPE, IMAGE_TYPE, QUERY_TYPE, RESULT_TYPE, STRING_TYPE, TRUTH_TYPE, truth_from_message
 
@@ -171,10 +173,9 @@ class _Collector:
 # --- offline ---------------------------------------------------------------------------
 
 def replay_offline(bag: str | Path, predictor, *, image_topic: str | None = None, query_topic: str | None = None,
-                   max_new_tokens: int = 48, progress: bool = True) -> ReplayResult:
-    """Score the bag's queries straight through the predictor (no ROS, no timing)."""
-    from ..ros_images import image_frame
-    from ..service import GroundingService, Request
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True) -> ReplayResult:
+    """Score the bag's queries straight through the predictor (no ROS, no timing),
+    asked as the node asks them (the service's auto mode)."""
 
     info = bag_info(bag)
     topics = Topics.detect(info, image_topic, query_topic)
@@ -202,9 +203,7 @@ def replay_offline(bag: str | Path, predictor, *, image_topic: str | None = None
                 record.latency_ms = outcome.timings_ms.get("total_ms")
                 record.stage_ms = {k: v for k, v in outcome.timings_ms.items() if k != "total_ms"}
                 record.result_stamp_ns = outcome.frame.stamp_ns if outcome.frame is not None else 0
-                record.prediction = Prediction(outcome.text, [list(map(float, o.box)) for o in outcome.objects],
-                                               [o.mask for o in outcome.objects]
-                                               if all(o.mask is not None for o in outcome.objects) else None)
+                record.prediction = Prediction(outcome.text, outcome.objects)
     except BagError as exc:
         error = str(exc)
     finally:
@@ -222,62 +221,61 @@ def _ros_class(msgtype: str):
 
 def start_node(namespace: str, model_dir: str | None = None, backend: str = "torch", device: str = "cpu",
                extra_params: dict | None = None, log_path: str | Path | None = None) -> subprocess.Popen:
-    """The grounding node in its own process, as `ros2 run` would start it."""
+    """The grounding node in its own process, set up for a replay."""
     # Reliable camera topics: the replay measures the node, not frames lost in
-    # best-effort transport (which cost 59 of 200 queries their frame here).
+    # best-effort transport (which cost most queries their frame in a replay here).
     params = {"backend": backend, "device": device, "max_image_age": 30.0, "frame_buffer": 16, "queue_size": 64,
               "image_qos": "reliable"}
     if model_dir:
         params["model_dir"] = str(model_dir)
     params.update(extra_params or {})
-    args = [sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={namespace}"]
-    for key, value in params.items():
-        args += ["-p", f"{key}:={value}"]
-    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    return node_process.start_node(namespace, params, log_path)
 
 
-def replay_live(bag: str | Path, namespace: str, *, rate: float = 1.0, image_topic: str | None = None,
-                query_topic: str | None = None, output_bag: str | Path | None = None, wait_s: float = 60.0,
-                ready_timeout: float = 120.0, node_process: subprocess.Popen | None = None,
-                progress: bool = True) -> ReplayResult:
-    """Publish the bag into the node under ``namespace`` and collect its results."""
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
+class _LiveReplay:
+    """A node of this process that publishes the bag into the grounding node under
+    ``ns`` and pairs each result with its query."""
 
-    from ..msg import GroundingResult
-    from ..ros_client import result_objects
-    from ..srv import Ground
+    def __init__(self, info: BagInfo, topics: Topics, ns: str, output_bag: str | Path | None):
+        import rclpy
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-    if rate <= 0:
-        raise BagError("--rate must be positive")
-    info = bag_info(bag)
-    topics = Topics.detect(info, image_topic, query_topic)
-    ns = namespace.rstrip("/")
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    node = rclpy.create_node("nextchat_bag_eval", context=context)
-    writer = BagWriter(output_bag, "mcap") if output_bag else None
-    if writer:
-        writer.add(f"{ns}/result", RESULT_TYPE)
-    lock = threading.Lock()
-    arrived = threading.Condition(lock)
-    pending_by_text: dict[str, deque] = {}
-    collector = _Collector(topics)
-    received = 0
+        from ..msg import GroundingResult
+        from ..ros_client import Spinner
 
-    def on_result(data: bytes) -> None:
-        nonlocal received
+        self.topics, self.ns = topics, ns
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("nextchat_bag_eval", context=self.context)
+        self.writer = BagWriter(output_bag, "mcap") if output_bag else None
+        if self.writer:
+            self.writer.add(f"{ns}/result", RESULT_TYPE)
+        self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        self.pending_by_text: dict[str, deque] = {}
+        self.collector = _Collector(topics)
+        self.received = 0
+        self.node.create_subscription(GroundingResult, f"{ns}/result", self._on_result, 1000, raw=True)
+        reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        targets = {topics.image: f"{ns}/image", topics.camera_info: f"{ns}/camera_info",
+                   topics.query: f"{ns}/structured_query", topics.text_query: f"{ns}/query"}
+        self.publishers = {src: self.node.create_publisher(_ros_class(info.topics[src]), dst, reliable)
+                           for src, dst in targets.items() if src}
+        executor = SingleThreadedExecutor(context=self.context)
+        executor.add_node(self.node)
+        self.spinner = Spinner(executor, self.context, "nextchat-bag-spin")
+
+    def _on_result(self, data: bytes) -> None:
         now = time.monotonic()
         msg = deserialize(data, RESULT_TYPE)
-        with arrived:
-            if writer:
-                writer.write(f"{ns}/result", time.time_ns(), data)
-            if msg.query_id in collector.records:
-                record = collector.records[msg.query_id]
+        with self.arrived:
+            if self.writer:
+                self.writer.write(f"{self.ns}/result", time.time_ns(), data)
+            if msg.query_id in self.collector.records:
+                record = self.collector.records[msg.query_id]
             else:  # a plain-text query: the oldest unanswered one with this text
-                queue = pending_by_text.get(msg.query)
+                queue = self.pending_by_text.get(msg.query)
                 record = queue.popleft() if queue else None
             if record is None or record.status is not None:
                 return
@@ -287,30 +285,63 @@ def replay_live(bag: str | Path, namespace: str, *, rate: float = 1.0, image_top
             record.result_stamp_ns = stamp_to_ns(msg.header.stamp)
             record.stage_ms = {"queue_ms": msg.queue_ms, "image_encode_ms": msg.image_encode_ms,
                                "llm_ms": msg.llm_ms, "mask_ms": msg.mask_ms, "node_total_ms": msg.total_ms}
-            objects = result_objects(msg)
-            masks = [o.mask for o in objects]
-            record.prediction = Prediction(msg.answer, [list(o.box) for o in objects],
-                                           masks if all(m is not None for m in masks) else None)
-            received += 1
-            arrived.notify_all()
+            record.prediction = Prediction(msg.answer, result_objects(msg))
+            self.received += 1
+            self.arrived.notify_all()
 
-    node.create_subscription(GroundingResult, f"{ns}/result", on_result, 1000, raw=True)
-    reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-    targets = {topics.image: f"{ns}/image", topics.camera_info: f"{ns}/camera_info",
-               topics.query: f"{ns}/structured_query", topics.text_query: f"{ns}/query"}
-    publishers = {src: node.create_publisher(_ros_class(info.topics[src]), dst, reliable)
-                  for src, dst in targets.items() if src}
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    def publish(self, message) -> None:
+        """One bag message into the node (the truth stays here)."""
+        with self.lock:
+            if message.topic == self.topics.image:
+                self.collector.add_frame(stamp_to_ns(deserialize(message.data, IMAGE_TYPE).header.stamp),
+                                         message.data)
+                record = None
+            else:
+                record = self.collector.add(message)
+            publisher = self.publishers.get(message.topic)
+            if publisher is None:
+                return
+            if record is not None:
+                record.published = time.monotonic()
+                if record.key.startswith("text:"):
+                    self.pending_by_text.setdefault(record.text, deque()).append(record)
+        publisher.publish(message.data)
+
+    def wait_for_results(self, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        with self.arrived:
+            while self.received < len(self.collector.records) and time.monotonic() < deadline:
+                self.arrived.wait(deadline - time.monotonic())
+
+    def close(self) -> None:
+        import rclpy
+
+        self.spinner.stop()  # the spin thread ends before the node goes (ros_client.Spinner)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        if self.writer:
+            self.writer.close()
+
+
+def replay_live(bag: str | Path, namespace: str, *, rate: float = 1.0, image_topic: str | None = None,
+                query_topic: str | None = None, output_bag: str | Path | None = None, wait_s: float = 60.0,
+                ready_timeout: float = 120.0, node_process: subprocess.Popen | None = None,
+                progress: bool = True) -> ReplayResult:
+    """Publish the bag into the node under ``namespace`` with its recorded timing
+    (scaled by ``rate``) and collect its results."""
+    from ..srv import Ground
+
+    if rate <= 0:
+        raise BagError("--rate must be positive")
+    info = bag_info(bag)
+    topics = Topics.detect(info, image_topic, query_topic)
+    replay = _LiveReplay(info, topics, namespace.rstrip("/"), output_bag)
     error = ""
     t0 = time.perf_counter()
     try:
-        _wait_for_node(node, Ground, ns, publishers, ready_timeout, node_process)
+        _wait_for_node(replay.node, Ground, replay.ns, replay.publishers, ready_timeout, node_process)
         total = sum(info.counts.get(t, 0) for t in topics.inputs())
-        start_wall = time.monotonic()
-        first_ns = None
+        start_wall, first_ns = time.monotonic(), None
         try:
             with tqdm(total=total, desc=f"replay x{rate:g}", unit="msg", disable=not progress) as bar:
                 for message in read_messages(bag, topics.inputs()):
@@ -319,39 +350,16 @@ def replay_live(bag: str | Path, namespace: str, *, rate: float = 1.0, image_top
                     delay = start_wall + (message.time_ns - first_ns) / 1e9 / rate - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                    with lock:
-                        if message.topic == topics.image:
-                            collector.add_frame(stamp_to_ns(deserialize(message.data, IMAGE_TYPE).header.stamp),
-                                                message.data)
-                            record = None
-                        else:
-                            record = collector.add(message)
-                    publisher = publishers.get(message.topic)
-                    if publisher is None:
-                        continue  # the truth stays here
-                    if record is not None:
-                        with lock:
-                            record.published = time.monotonic()
-                            if record.key.startswith("text:"):
-                                pending_by_text.setdefault(record.text, deque()).append(record)
-                    publisher.publish(message.data)
+                    replay.publish(message)
                     if node_process is not None and node_process.poll() is not None:
                         raise BagError(f"the node exited with code {node_process.returncode} during the replay")
         except BagError as exc:
             error = str(exc)
-        deadline = time.monotonic() + wait_s
-        with arrived:
-            while received < len(collector.records) and time.monotonic() < deadline:
-                arrived.wait(deadline - time.monotonic())
+        replay.wait_for_results(wait_s)
     finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-        spinner.join(5)
-        if writer:
-            writer.close()
-    return ReplayResult("live", collector.finish(), str(bag), error, time.perf_counter() - t0,
-                        collector.frame_count, str(output_bag) if output_bag else None)
+        replay.close()
+    return ReplayResult("live", replay.collector.finish(), str(bag), error, time.perf_counter() - t0,
+                        replay.collector.frame_count, str(output_bag) if output_bag else None)
 
 
 def _wait_for_node(node, service_type, ns: str, publishers: dict, timeout: float, process) -> None:

@@ -32,6 +32,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .ground import add_model_arguments
+
     sub = parser.add_subparsers(dest="bag_command", metavar="<record|eval>", required=True)
     rec = sub.add_parser("record", help="write an evaluation bag", description=DESCRIPTION,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,10 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = ev.add_mutually_exclusive_group()
     mode.add_argument("--offline", action="store_true", help="score through the predictor only (no ROS)")
     mode.add_argument("--compare", action="store_true", help="live and offline, and the difference")
-    ev.add_argument("--model", default=None, help="model directory (default: the shipped tiny model)")
-    ev.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--export-dir", default=None, help="exported graphs/engines for onnxruntime / tensorrt")
+    add_model_arguments(ev)
     ev.add_argument("--node-namespace", default=None,
                     help="use an already running node under this namespace instead of starting one")
     ev.add_argument("--image-topic", default=None, help="the bag's camera topic (needed if it has several)")
@@ -89,10 +88,9 @@ def _parse_tasks(text: str | None) -> dict[str, float] | None:
 
 def synthetic_items(split: str, count: int, start: int = 0, task_weights=None):
     """Held-out synthetic samples as RecordItems (lazily: one scene at a time)."""
-    from nextchat_training.data import SyntheticTabletop
-    from nextchat_training.evaluate import EVAL_TASK_WEIGHTS, sample_truth
-
     from ..bag.record import RecordItem
+    from ..synthetic.evaluate import sample_truth
+    from ..synthetic.samples import EVAL_TASK_WEIGHTS, SyntheticTabletop
 
     stream = SyntheticTabletop(split, task_weights or EVAL_TASK_WEIGHTS)
     for index in range(start, start + count):
@@ -119,14 +117,15 @@ def jsonl_items(path: str, task: str, image_root: str, count: int):
 
 def _record(args) -> int:
     from ..bag.record import record
+    from ..errors import UsageError
 
     if args.count <= 0:
-        raise SystemExit("nextchat bag record: --count must be positive")
+        raise UsageError("--count must be positive")
     if args.dataset == "synthetic":
         items = synthetic_items(args.split, args.count, args.start, _parse_tasks(args.tasks))
     else:
         if not args.jsonl:
-            raise SystemExit("nextchat bag record: --dataset jsonl needs --jsonl FILE")
+            raise UsageError("--dataset jsonl needs --jsonl FILE")
         items = jsonl_items(args.jsonl, args.task, args.image_root, args.count)
     summary = record(items, args.out, count=args.count, storage=args.storage, camera_rate=args.camera_rate,
                      query_period=args.query_period)
@@ -136,8 +135,10 @@ def _record(args) -> int:
 
 
 def _eval(args) -> int:
+    from .. import node_process
     from ..bag.replay import replay_live, replay_offline, start_node
     from ..bag.report import write_report
+    from .ground import predictor_from_args
 
     bag = Path(args.bag)
     out = Path(args.out) if args.out else bag.with_name(bag.name + "_eval")
@@ -150,6 +151,8 @@ def _eval(args) -> int:
         if namespace is None:
             namespace = f"/nextchat_bag_eval_{os.getpid()}"
             extra = {"export_dir": args.export_dir} if args.export_dir else {}
+            if args.precision:
+                extra["precision"] = args.precision
             process = start_node(namespace, args.model, args.backend, args.device, extra, out / "node.log")
         output_bag = out / f"results_{time.strftime('%Y%m%d_%H%M%S')}"
         try:
@@ -158,22 +161,10 @@ def _eval(args) -> int:
                                        node_process=process, progress=progress)
         finally:
             if process is not None:
-                process.send_signal(2)  # SIGINT: the node shuts down cleanly
-                try:
-                    process.wait(15)
-                except Exception:  # a node that ignores SIGINT is killed
-                    process.kill()
+                node_process.stop_node(process, timeout=15)
     if args.offline or args.compare:
-        from ..backends import load_backend
-        from ..model.build import DEFAULT_MODEL_DIR
-        from ..model.checkpoint import load_pretrained
-        from ..predictor import NextChatPredictor
-
-        model = load_pretrained(args.model or DEFAULT_MODEL_DIR, device=args.device)
-        backend = load_backend(args.backend, model, args.export_dir) if args.backend != "torch" else None
-        runs["offline"] = replay_offline(bag, NextChatPredictor(model, backend=backend),
-                                         image_topic=args.image_topic, query_topic=args.query_topic,
-                                         progress=progress)
+        runs["offline"] = replay_offline(bag, predictor_from_args(args), image_topic=args.image_topic,
+                                         query_topic=args.query_topic, progress=progress)
     metrics = write_report(out, runs, examples=args.examples)
     if args.json:
         json.dump(metrics, sys.stdout, indent=2)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -87,10 +85,11 @@ class Camera:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import node_process
     from ..msg import GroundingResult
     from ..overlay import draw_overlay, save_png
     from ..ros_client import GroundingClient, result_objects
-    from ..scenes import COLORS, KINDS, real_photo, render_scene
+    from ..synthetic.scenes import COLORS, KINDS, real_photo, render_scene
 
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir, trained = _demo_model(args.model, args.out)
@@ -101,11 +100,14 @@ def run(args: argparse.Namespace) -> int:
         if status:
             print(status.replace("**", ""))
     namespace = f"/nextchat_demo_{os.getpid()}"
-    node = subprocess.Popen([sys.executable, "-m", "nextchat_ros.node", "--ros-args", "-r", f"__ns:={namespace}",
-                             "-p", f"model_dir:={model_dir}", "-p", f"device:={args.device}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node_params = {"model_dir": model_dir, "device": args.device, "backend": args.backend}
+    if args.export_dir:
+        node_params["export_dir"] = args.export_dir
+    if args.precision:
+        node_params["precision"] = args.precision
+    node = node_process.start_node(namespace, node_params, args.out / "node.log")
     client = GroundingClient(namespace)
-    summary, code = [], 0
+    summary, code, camera = [], 0, None
     try:
         print("starting the nextchat_grounding node ...")
         client.wait_for_node()
@@ -141,21 +143,17 @@ def run(args: argparse.Namespace) -> int:
                 save_png(draw_overlay(image, objs, [list(r) for r in regions] or None), overlay)
                 summary.append({"frame": name, "query": text, "answer": result.answer, "overlay": str(overlay),
                                 "boxes": [list(map(float, o.box)) for o in objs], "total_ms": result.total_ms})
-        camera.stop()
-    except AssertionError as exc:
+    except TimeoutError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         code = 1
     finally:
+        if camera is not None:
+            camera.stop()
         client.close()
-        node.send_signal(signal.SIGINT)
-        try:
-            log, _ = node.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            log, _ = node.communicate()
-        (args.out / "node.log").write_text(log)
-        if node.returncode not in (0, -signal.SIGINT):
-            print(f"the node exited with {node.returncode}; see {args.out / 'node.log'}", file=sys.stderr)
+        end = node_process.stop_node(node, timeout=30)
+        if end.killed or end.returncode != 0:
+            print(f"the node exited with {end.returncode}{' (killed)' if end.killed else ''}; "
+                  f"see {args.out / 'node.log'}", file=sys.stderr)
             code = code or 1
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {len(summary)} overlays, summary.json and node.log to {args.out}")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..scoring import TASKS
+from ..synthetic.samples import TASKS
 
 HELP = "evaluate a model on held-out synthetic scenes (REC, masks, POPE, captions, ...)"
 DESCRIPTION = """\
@@ -37,13 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nextchat_training.evaluate import evaluate, format_metrics
+    from ..synthetic.evaluate import evaluate, format_metrics
+    from .ground import predictor_from_args
 
-    from ..model.build import DEFAULT_MODEL_DIR
-    from ..model.checkpoint import load_pretrained
-
-    model = load_pretrained(args.model or DEFAULT_MODEL_DIR, device=args.device)
-    metrics = evaluate(model, args.split, args.num_samples, task_weights={args.task: 1.0} if args.task else None,
+    tasks = {args.task: 1.0} if args.task else None
+    metrics = evaluate(predictor_from_args(args), args.split, args.num_samples, task_weights=tasks,
                        progress=not args.json)
     if args.json:
         json.dump(metrics, sys.stdout, indent=2)

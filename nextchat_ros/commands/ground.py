@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..backends import BACKENDS, PRECISIONS
 from ..errors import QueryError
 
 HELP = "answer one query about an image: text, boxes and masks"
@@ -22,14 +23,27 @@ examples:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``predictor.load_predictor``, for every command that loads a model."""
     parser.add_argument("--model", type=Path, default=None,
                         help="model directory (config.json, model.safetensors, tokenizer.json); "
                              "default: the shipped tiny model")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
-    parser.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="where the vision and mask parts run (default: torch; the LLM always runs in torch)")
     parser.add_argument("--export-dir", type=Path, default=None,
                         help="`nextchat export` output for onnxruntime / tensorrt (default: MODEL/export)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="which exported graphs onnxruntime / tensorrt run (default: the export's own; "
+                             "fp16 needs `nextchat export --fp16`)")
+    parser.add_argument("--rebuild-engines", action="store_true",
+                        help="tensorrt: rebuild an engine built for another TensorRT / GPU / model from its ONNX graph")
+
+
+def predictor_from_args(args: argparse.Namespace):
+    from ..predictor import load_predictor
+
+    return load_predictor(args.model, args.backend, args.export_dir, args.device, args.precision,
+                          rebuild_engines=args.rebuild_engines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,20 +72,6 @@ def parse_region(text: str) -> list[float]:
     return values
 
 
-def load_predictor(model_dir: Path | None, device: str, backend: str = "torch", export_dir: Path | None = None):
-    from ..backends import load_backend
-    from ..model.build import DEFAULT_MODEL_DIR
-    from ..model.checkpoint import load_pretrained
-    from ..predictor import NextChatPredictor
-
-    model_dir = model_dir or DEFAULT_MODEL_DIR
-    model = load_pretrained(model_dir, device=device)
-    parts = load_backend(backend, model, (export_dir or model_dir / "export") if backend != "torch" else None)
-    if getattr(parts, "fallback_reason", None):
-        print(f"warning: {backend} unavailable ({parts.fallback_reason}); using onnxruntime", file=sys.stderr)
-    return NextChatPredictor(model, device=device, backend=parts)
-
-
 def answer_to_dict(answer, image_path=None) -> dict:
     return {
         "image": str(image_path) if image_path else None,
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     regions = [parse_region(r) for r in args.region]
     image = load_rgb(args.image)
-    predictor = load_predictor(args.model, args.device, args.backend, args.export_dir)
+    predictor = predictor_from_args(args)
     timings = predictor.set_image(image)
     answer = predictor.ask(args.query, regions=regions or None, mode=args.mode, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed)

@@ -3,7 +3,7 @@
 from .build import build_model
 from .checkpoint import load_pretrained, load_released, save_pretrained, save_released_layout
 from .config import PRESETS, NextChatConfig, get_preset
-from .nextchat import NextChatModel, TrainingBatch
+from .nextchat import NextChatModel
 from .tokenizer import TextTokenizer
 
 __all__ = [
@@ -11,7 +11,6 @@ __all__ = [
            "NextChatConfig",
            "NextChatModel",
            "TextTokenizer",
-           "TrainingBatch",
            "build_model",
            "get_preset",
            "load_pretrained",

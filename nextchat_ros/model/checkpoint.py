@@ -187,7 +187,7 @@ def load_released(checkpoint_dir: str | Path, clip_dir: str | Path, base: NextCh
 
     Shapes are read from the files: the LLM from ``config.json``, the vision tower
     from ``clip_dir``, SAM from its weights. ``base`` supplies what the files do not
-    say (template, token names, loss weights); default: the ``full`` preset.
+    say (template, token names, ...); default: the ``full`` preset.
     """
     from transformers import CLIPVisionModel
 

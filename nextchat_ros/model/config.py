@@ -2,7 +2,8 @@
 
 A :class:`NextChatConfig` fully describes a model: the CLIP-style vision tower,
 the LLaMA-style LLM, the SAM image encoder and mask decoder, the special tokens
-and the loss weights. Presets (``tiny``, ``full``) are functions in
+and the conversation template (the loss weights are training's:
+``nextchat_training.objective``). Presets (``tiny``, ``full``) are functions in
 :data:`PRESETS`, in the spirit of segment-anything's ``sam_model_registry``. No
 size is hard-coded anywhere else: every module reads its shapes from here.
 """
@@ -102,45 +103,12 @@ class SamConfig:
 
 
 @dataclass
-class LossConfig:
-    """Loss weights. Box loss = box_l1 * L1 + box_giou * GIoU.
-
-    We follow the paper (alpha=2, beta=0.8) rather than the released code's
-    GIoU/5: on the small synthetic data GIoU is what keeps thin or small boxes
-    from collapsing, and the weight is one flag away for anyone reproducing
-    the released recipe (``box_giou: 0.2``).
-    """
-
-    lm: float = 1.0
-    box_l1: float = 2.0
-    box_giou: float = 0.8
-    cycle: float = 1.0
-    mask_focal: float = 20.0
-    mask_dice: float = 1.0
-    mask_iou: float = 1.0
-    # Training only: SAM is prompted with ground-truth boxes jittered by this
-    # fraction of their size, since at inference the box comes from the decoder.
-    mask_box_jitter: float = 0.0
-    # Training only (0 = off, as released): weight of the grounding-attention loss
-    # (nextchat.grounding_attention_nll), which teaches one attention head of the
-    # LLM's last layer to look, from each trigger and location token, at the image
-    # patches its box covers.
-    grounding_attention: float = 0.0
-    # Training only (0 = off): the same loss from the positions that predict the
-    # answer (nextchat.answer_attention_targets): a region caption's words look at
-    # the region asked about; the first answer word of a grounded answer (a "yes"
-    # of an existence question, a referring answer) at the objects it grounds.
-    answer_attention: float = 0.0
-
-
-@dataclass
 class NextChatConfig:
     preset: str = "full"
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     sam: SamConfig = field(default_factory=SamConfig)
     tokens: SpecialTokens = field(default_factory=SpecialTokens)
-    loss: LossConfig = field(default_factory=LossConfig)
     # Hidden width of the box decoder / encoder MLPs (released: 2048).
     box_head_hidden: int = 2048
     # Number of prompt tokens the segmentation MLP makes (released: 4).
@@ -169,12 +137,15 @@ class NextChatConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NextChatConfig:
+        # Model directories saved before the loss weights moved to training/ carry
+        # them under "loss"; they say nothing about the model, so they are ignored.
+        data = {k: v for k, v in data.items() if k != "loss"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         sub = {"vision": VisionConfig, "llm": LLMConfig, "sam": SamConfig,
-               "tokens": SpecialTokens, "loss": LossConfig}
+               "tokens": SpecialTokens}
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             if name in sub:
@@ -241,7 +212,6 @@ def tiny_config() -> NextChatConfig:
         box_head_hidden=256,
         image_position_scale=0.5,
         region_features=True,
-        loss=LossConfig(grounding_attention=1.0, answer_attention=1.0),
         system_prompt="A robot asks about its camera image.",
         max_query_tokens=128,
     )

@@ -73,9 +73,8 @@ class ConvStem(nn.Sequential):
     drop-in for CLIP's single strided patch convolution (tiny preset only).
 
     Why: a ViT trained from scratch for minutes with a linear patch embedding
-    learns colour but hardly shape (a linear probe on an object's pooled patches
-    got its colour right 97 % of the time, its kind -- of six -- 46 %), and
-    queries name kinds. With this stem the same 400-step vision stage gave 62 %.
+    learns colour but hardly shape, and queries name kinds; with this stem the
+    same short vision stage tells kinds apart far better (training/EXPERIMENTS.md).
     Early convolutions are the known cure for ViTs' slow, data-hungry start
     (Xiao et al., "Early Convolutions Help Transformers See Better", 2021).
     """

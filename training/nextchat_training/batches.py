@@ -9,13 +9,13 @@ from torch.utils.data import Dataset, Sampler
 
 from nextchat_ros.images import pixels_to_normalized
 from nextchat_ros.model.config import NextChatConfig
-from nextchat_ros.model.nextchat import TrainingBatch, collate
 from nextchat_ros.model.prompt import PromptBuilder, pack_turns
 from nextchat_ros.model.sam import preprocess_image as sam_preprocess
 from nextchat_ros.model.sam import target_masks
 from nextchat_ros.model.vision import preprocess_image as vision_preprocess
+from nextchat_ros.synthetic.samples import SyntheticTabletop
 
-from .data import SyntheticTabletop
+from .objective import TrainingBatch, collate
 
 
 def object_patch_targets(scene, config: NextChatConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -24,7 +24,7 @@ def object_patch_targets(scene, config: NextChatConfig) -> tuple[torch.Tensor, t
     counted from 1 (0 is 'no object'), on the square-padded image the vision
     tower sees."""
     from nextchat_ros.images import square_padding
-    from nextchat_ros.scenes import COLORS, KINDS
+    from nextchat_ros.synthetic.scenes import COLORS, KINDS
 
     h, w = scene.image.shape[:2]
     side, left, top = square_padding(h, w)

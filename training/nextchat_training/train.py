@@ -5,8 +5,9 @@ own, see training/configs/). Each stage sets which modules train (the freeze
 schedule), its steps, batch, learning rate schedule and tasks. The output of a
 stage initialises the next. Stage kinds:
 
-- ``lm``   : the NExT-Chat forward: LM + box + cycle losses (stages 1 and 2),
-             plus the mask loss when ``masks: true`` (stage 3).
+- ``lm``   : the NExT-Chat objective (``objective.NextChatObjective``): LM + box +
+             cycle losses (stages 1 and 2), plus the mask loss when ``masks: true``
+             (stage 3).
 - ``sam``  : box-prompted mask training of SAM alone. The released model starts
              from SAM's pretrained weights; none exist offline for the tiny
              preset, so this stage stands in for SAM's own pretraining.
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,15 +40,16 @@ from tqdm import tqdm
 
 from nextchat_ros.images import pixels_to_normalized
 from nextchat_ros.model import NextChatModel, build_model, load_pretrained, save_pretrained
-from nextchat_ros.model.losses import mask_loss
-from nextchat_ros.model.nextchat import jitter_boxes
 from nextchat_ros.model.sam import preprocess_image as sam_preprocess
 from nextchat_ros.model.sam import target_masks
+from nextchat_ros.predictor import NextChatPredictor
+from nextchat_ros.synthetic.evaluate import evaluate, format_metrics
+from nextchat_ros.synthetic.samples import SyntheticTabletop
 
 from .batches import Collator, RealItems, StreamSampler, SyntheticItems, object_patch_targets
-from .data import SyntheticTabletop
-from .evaluate import evaluate, format_metrics
 from .formats import read_coco_instances, read_jsonl
+from .losses import mask_loss
+from .objective import LossWeights, NextChatObjective, jitter_boxes, loss_weights
 
 # Loss terms logged to metrics.csv (a stage logs those its loss has).
 LOSS_TERMS = ("loss", "lm", "box", "cycle", "mask", "attention", "answer_attention", "attributes")
@@ -57,7 +60,7 @@ MODULES = ("vision_tower", "projector", "image_position", "region_features", "ll
 @dataclass
 class StageConfig:
     name: str
-    kind: str = "lm"  # lm | sam
+    kind: str = "lm"  # lm | sam | vision
     steps: int = 1000
     batch_size: int = 16  # per process, per micro-step
     grad_accum: int = 1
@@ -76,6 +79,8 @@ class StageConfig:
     # {jsonl: PATH, task: rec|reg|gc|vqa, image_root: DIR} or {coco: PATH, image_root: DIR}.
     data: list[dict] | None = None
     mask_box_jitter: float = 0.0  # SAM is prompted with boxes jittered by this fraction of their size
+    # Loss weights over the preset's (objective.LossWeights), e.g. {box_giou: 0.2}.
+    loss: dict[str, float] | None = None
     # Weight of the image-token attribute loss (ImageTokenAttributeHeads; synthetic data only).
     image_attributes: float = 0.0
     # A relation's anchor name in the question looks at the anchor (grounding-attention
@@ -105,6 +110,10 @@ class StageConfig:
             raise ValueError(f"{path}: kind must be 'lm', 'sam' or 'vision'")
         if stage.turns_per_image < 1:
             raise ValueError(f"{path}: turns_per_image must be >= 1")
+        try:
+            loss_weights("tiny", stage.loss)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         return stage
 
 
@@ -201,10 +210,6 @@ class SamItems(Dataset):
                 "boxes": boxes, "targets": target_masks(masks, self.config.sam)}
 
 
-def collate_sam(items):
-    return items
-
-
 class VisionItems(Dataset):
     """Scene i for the dense vision stage: tower input and per-patch targets."""
 
@@ -235,7 +240,7 @@ class VisionHeads(torch.nn.Module):
     """Per-patch heads of the dense vision stage (discarded afterwards)."""
 
     def __init__(self, dim: int):
-        from nextchat_ros.scenes import COLORS, KINDS
+        from nextchat_ros.synthetic.scenes import COLORS, KINDS
 
         super().__init__()
         self.color = torch.nn.Linear(dim, len(COLORS) + 1)
@@ -273,20 +278,17 @@ class ImageTokenAttributeHeads(torch.nn.Module):
     LLM space (pooled by coverage), with a fixed scale: the image-token attribute
     loss of the lm stages (training only; discarded afterwards).
 
-    Why: the vision stage leaves colour 27 % of the between-object variance of the
-    tower's features, but within the first 8 minutes of stage 1 the projector
-    shrinks it to 2 % of the LLM-space image tokens (kind grows from 23 % to 43 %):
-    the first thing the LLM learns is to find objects by kind, and the projector
-    serves that. A linear probe still reads colour at 96 %, but from a direction
-    so small that the LLM's attention and answers learn colour last (region-caption
-    colour 0.63 against kind 0.94, REC of colour-only expressions 0.13). A cosine
-    classifier cannot make up for a small direction with a large weight: the loss
-    falls only if the tokens themselves keep colour and kind a large share of their
-    direction.
+    Why: within the first minutes of stage 1 the projector shrinks colour to a
+    small share of the LLM-space image tokens (the LLM first learns to find
+    objects by kind, and the projector serves that): a linear probe still reads
+    colour, but from a direction so small that the LLM's attention and answers
+    learn colour last. A cosine classifier cannot make up for a small direction
+    with a large weight: the loss falls only if the tokens themselves keep colour
+    and kind a large share of their direction (figures: training/EXPERIMENTS.md).
     """
 
     def __init__(self, dim: int, scale: float = 10.0):
-        from nextchat_ros.scenes import COLORS, KINDS
+        from nextchat_ros.synthetic.scenes import COLORS, KINDS
 
         super().__init__()
         self.scale = scale
@@ -311,8 +313,9 @@ class ImageTokenAttributeHeads(torch.nn.Module):
         return 0.5 * (ce(self.logits(self.color, pooled), colors - 1) + ce(self.logits(self.kind, pooled), kinds - 1))
 
 
-def sam_stage_loss(model: NextChatModel, items, stage: StageConfig, generator) -> dict[str, torch.Tensor]:
-    sam, weights = model.sam, model.config.loss
+def sam_stage_loss(model: NextChatModel, items, stage: StageConfig, weights: LossWeights,
+                   generator) -> dict[str, torch.Tensor]:
+    sam = model.sam
     pixels = torch.stack([i["sam_pixels"] for i in items]).to(model.device)
     embeddings = sam.encode_image(pixels)
     logits, ious, targets = [], [], []
@@ -358,6 +361,70 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, heads=None) ->
 
 # --- one stage -----------------------------------------------------------------------
 
+@dataclass
+class StageParts:
+    """What a stage of one kind brings to the shared loop: its data, its loss of one
+    batch, the training-only heads beside the model (saved in its checkpoints) and
+    the parameters whose gradients the loop averages itself under torchrun (DDP
+    averages those of the module it wraps)."""
+
+    dataset: Dataset
+    collate_fn: Callable
+    losses: Callable[[object], dict[str, torch.Tensor]]
+    heads: torch.nn.Module | None = None
+    averaged_by_loop: list[torch.nn.Parameter] = field(default_factory=list)
+
+
+def vision_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabletop, params: list,
+                 seed: int) -> StageParts:
+    torch.manual_seed(seed)
+    heads = VisionHeads(model.config.vision.hidden_size).to(model.device)
+    return StageParts(VisionItems(stream, model.config), list_of_items,
+                      lambda items: vision_stage_loss(model, heads, items), heads,
+                      params + list(heads.parameters()))
+
+
+def sam_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabletop, params: list,
+              seed: int, generator: torch.Generator) -> StageParts:
+    weights = loss_weights(model.config.preset, stage.loss)
+    return StageParts(SamItems(stream, model.config), list_of_items,
+                      lambda items: sam_stage_loss(model, items, stage, weights, generator), None, params)
+
+
+def lm_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabletop, seed: int,
+             world: int) -> StageParts:
+    heads = None
+    if stage.image_attributes > 0:
+        if stage.data:
+            raise ValueError(f"stage {stage.name}: image_attributes needs the synthetic data (its objects' labels)")
+        torch.manual_seed(seed)
+        heads = ImageTokenAttributeHeads(model.config.llm.hidden_size).to(model.device)
+    if stage.data:
+        dataset = RealItems(load_real_samples(stage.data), model.prompt, model.config, stage.masks, seed)
+    else:
+        dataset = SyntheticItems(stream, model.prompt, model.config, with_masks=stage.masks,
+                                 turns_per_image=stage.turns_per_image, with_objects=heads is not None,
+                                 with_looks=stage.anchor_attention)
+    objective = NextChatObjective(model, loss_weights(model.config.preset, stage.loss), stage.mask_box_jitter)
+    wrapped = (torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+               if world > 1 else objective)
+
+    def losses(batch) -> dict[str, torch.Tensor]:
+        batch, objects = batch
+        out = wrapped(batch)
+        if heads is not None:
+            out["attributes"] = heads(out["image_embeds"], objects)
+            out["loss"] = out["loss"] + stage.image_attributes * out["attributes"]
+        return out
+
+    return StageParts(dataset, Collator(model.tokenizer.eos_id), losses, heads,
+                      list(heads.parameters()) if heads is not None else [])
+
+
+def list_of_items(items):
+    return items
+
+
 def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: int = 0,
                 max_steps: int | None = None, progress: bool = True) -> NextChatModel:
     """Train ``model`` for one stage; resumes from ``out_dir/checkpoint`` if present.
@@ -366,139 +433,125 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
     keeping the schedule of ``stage.steps`` -- used to test resumption.
     """
     rank, world = dist_info()
-    device = model.device
     out_dir.mkdir(parents=True, exist_ok=True)
     params = apply_freeze_schedule(model, stage.trainable)
-    heads = None
+    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
+    ckpt = out_dir / "checkpoint"
+    start = int(json.loads((ckpt / "trainer.json").read_text())["step"]) if (ckpt / "trainer.json").is_file() else 0
+    generator = torch.Generator().manual_seed(seed * 1000 + start)
     if stage.kind == "vision":
-        torch.manual_seed(seed)
-        heads = VisionHeads(model.config.vision.hidden_size).to(device)
-        params = params + list(heads.parameters())
-    elif stage.image_attributes > 0:
-        if stage.data:
-            raise ValueError(f"stage {stage.name}: image_attributes needs the synthetic data (its objects' labels)")
-        torch.manual_seed(seed)
-        heads = ImageTokenAttributeHeads(model.config.llm.hidden_size).to(device)
-        params = params + list(heads.parameters())
+        parts = vision_stage(model, stage, stream, params, seed)
+    elif stage.kind == "sam":
+        parts = sam_stage(model, stage, stream, params, seed, generator)
+    else:
+        parts = lm_stage(model, stage, stream, seed, world)
+    trained = params + (list(parts.heads.parameters()) if parts.heads is not None else [])
     model.train()
     if stage.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable()
-    use_bf16 = stage.mixed_precision == "bf16" or (stage.mixed_precision == "auto" and device.type == "cuda"
-                                                   and torch.cuda.is_bf16_supported())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
-    ckpt = out_dir / "checkpoint"
-    step = load_checkpoint(ckpt, model, optimizer, scheduler, heads) if (ckpt / "trainer.json").is_file() else 0
-    ddp_model = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-                 if world > 1 else model)
-    # DDP averages the gradients of what it wraps (the model, in the lm stages); the
-    # loop averages the rest: the vision and sam stages call the model directly, and
-    # training-only heads live beside it.
-    if stage.kind != "lm":
-        not_in_ddp = params
-    else:
-        not_in_ddp = list(heads.parameters()) if heads is not None else []
-
-    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
+    step = load_checkpoint(ckpt, model, optimizer, scheduler, parts.heads) if start else 0
     per_step = stage.batch_size * stage.grad_accum * world
-    if stage.kind == "sam":
-        dataset, collate_fn = SamItems(stream, model.config), collate_sam
-    elif stage.kind == "vision":
-        dataset, collate_fn = VisionItems(stream, model.config), collate_sam
-    elif stage.data:
-        dataset = RealItems(load_real_samples(stage.data), model.prompt, model.config, stage.masks, seed)
-        collate_fn = Collator(model.tokenizer.eos_id)
-    else:
-        dataset = SyntheticItems(stream, model.prompt, model.config, with_masks=stage.masks,
-                                 turns_per_image=stage.turns_per_image, with_objects=heads is not None,
-                                 with_looks=stage.anchor_attention)
-        collate_fn = Collator(model.tokenizer.eos_id)
-    sampler = StreamSampler(step * per_step, rank, world)
-    loader = DataLoader(dataset, batch_size=stage.batch_size, sampler=sampler, collate_fn=collate_fn,
-                        num_workers=stage.num_workers, prefetch_factor=4 if stage.num_workers else None,
-                        persistent_workers=False)
-    generator = torch.Generator().manual_seed(seed * 1000 + step)
-    original_jitter = model.config.loss.mask_box_jitter
-    model.config.loss.mask_box_jitter = stage.mask_box_jitter
+    loader = DataLoader(parts.dataset, batch_size=stage.batch_size, sampler=StreamSampler(step * per_step, rank, world),
+                        collate_fn=parts.collate_fn, num_workers=stage.num_workers,
+                        prefetch_factor=4 if stage.num_workers else None, persistent_workers=False)
+    try:
+        _train_steps(model, stage, parts, loader, optimizer, scheduler, trained, step, out_dir, progress, max_steps)
+    finally:
+        if stage.gradient_checkpointing:
+            model.llm.gradient_checkpointing_disable()
+        model.requires_grad_(True)
+        model.eval()
+    return model
 
-    log_path = out_dir / "metrics.csv"
-    writer = None
-    if rank == 0:
-        new = not log_path.exists() or step == 0
-        log_file = open(log_path, "w" if new else "a", newline="")  # noqa: SIM115 (closed below)
-        writer = csv.writer(log_file)
-        if new:
-            writer.writerow(["step", "lr", *LOSS_TERMS, "samples_per_s", "eval"])
+
+def _train_steps(model, stage: StageConfig, parts: StageParts, loader, optimizer, scheduler, trained: list,
+                 step: int, out_dir: Path, progress: bool, max_steps: int | None = None) -> None:
+    """The optimizer steps of one stage from ``step``, with logging, evaluation and checkpoints."""
+    rank, world = dist_info()
+    device = model.device
+    use_bf16 = stage.mixed_precision == "bf16" or (stage.mixed_precision == "auto" and device.type == "cuda"
+                                                   and torch.cuda.is_bf16_supported())
     end = min(stage.steps, max_steps) if max_steps else stage.steps
+    log = StageLog(out_dir / "metrics.csv", fresh=step == 0) if rank == 0 else None
     bar = tqdm(total=stage.steps, initial=step, desc=f"{stage.name}", disable=not progress or rank != 0,
                unit="step", dynamic_ncols=True)
     batches = iter(loader)
-    running: dict[str, float] = {}
     t_last, samples = time.perf_counter(), 0
     window: list[dict[str, float]] = []  # per-step loss terms since the last log line
-    while step < end:
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(stage.grad_accum):
-            batch = next(batches)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                if stage.kind == "sam":
-                    losses = sam_stage_loss(model, batch, stage, generator)
-                elif stage.kind == "vision":
-                    losses = vision_stage_loss(model, heads, batch)
-                else:
-                    batch, objects = batch
-                    losses = ddp_model(batch)
-                    if heads is not None:
-                        losses["attributes"] = heads(losses["image_embeds"], objects)
-                        losses["loss"] = losses["loss"] + stage.image_attributes * losses["attributes"]
-            (losses["loss"] / stage.grad_accum).backward()
-            for k in LOSS_TERMS:
-                if k in losses:
-                    running[k] = running.get(k, 0.0) + losses[k].item() / stage.grad_accum
-            samples += stage.batch_size * world * stage.turns_per_image
-        if world > 1:
-            for p in not_in_ddp:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-        torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        window.append(running)
-        if step % stage.log_every == 0 or step == end:
-            mean = {k: sum(h.get(k, 0.0) for h in window) / len(window) for k in window[-1]}
-            window = []
-            rate = samples / (time.perf_counter() - t_last)
-            t_last, samples = time.perf_counter(), 0
-            bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()})
-            eval_text = ""
-            if rank == 0 and stage.eval_every and step % stage.eval_every == 0 and stage.kind == "lm":
-                model.eval()
-                metrics = evaluate(model, "heldout", stage.eval_samples, task_weights={"rec": 1.0}, progress=False)
-                model.train()
-                eval_text = f"rec_acc@0.5={metrics['rec_acc@0.5']:.3f}"
-                bar.write(f"[{stage.name} step {step}] held-out {eval_text}")
-            if writer:
-                terms = [f"{mean[k]:.5f}" if k in mean else "" for k in LOSS_TERMS]
-                writer.writerow([step, f"{scheduler.get_last_lr()[0]:.3e}", *terms, f"{rate:.1f}", eval_text])
-                log_file.flush()
-        running = {}
-        if rank == 0 and (step % stage.save_every == 0 or step == end):
-            save_checkpoint(ckpt, model, optimizer, scheduler, step, heads)
-    bar.close()
-    if writer:
-        log_file.close()
-    model.config.loss.mask_box_jitter = original_jitter
-    if stage.gradient_checkpointing:
-        model.llm.gradient_checkpointing_disable()
-    model.requires_grad_(True)
+    try:
+        while step < end:
+            optimizer.zero_grad(set_to_none=True)
+            running: dict[str, float] = {}
+            for _ in range(stage.grad_accum):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    losses = parts.losses(next(batches))
+                (losses["loss"] / stage.grad_accum).backward()
+                for k in LOSS_TERMS:
+                    if k in losses:
+                        running[k] = running.get(k, 0.0) + losses[k].item() / stage.grad_accum
+                samples += stage.batch_size * world * stage.turns_per_image
+            if world > 1:
+                for p in parts.averaged_by_loop:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            torch.nn.utils.clip_grad_norm_(trained, stage.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            window.append(running)
+            if step % stage.log_every == 0 or step == end:
+                mean = {k: sum(h.get(k, 0.0) for h in window) / len(window) for k in window[-1]}
+                window = []
+                rate = samples / (time.perf_counter() - t_last)
+                t_last, samples = time.perf_counter(), 0
+                bar.set_postfix({k: f"{v:.3f}" for k, v in mean.items()})
+                eval_text = _periodic_eval(model, stage, step, bar) if rank == 0 else ""
+                if log:
+                    log.write(step, scheduler.get_last_lr()[0], mean, rate, eval_text)
+            if rank == 0 and (step % stage.save_every == 0 or step == end):
+                save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, step, parts.heads)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+
+
+def _periodic_eval(model, stage: StageConfig, step: int, bar) -> str:
+    if not (stage.eval_every and step % stage.eval_every == 0 and stage.kind == "lm"):
+        return ""
     model.eval()
-    return model
+    metrics = evaluate(NextChatPredictor(model), "heldout", stage.eval_samples, task_weights={"rec": 1.0},
+                       progress=False)
+    model.train()
+    text = f"rec_acc@0.5={metrics['rec_acc@0.5']:.3f}"
+    bar.write(f"[{stage.name} step {step}] held-out {text}")
+    return text
+
+
+class StageLog:
+    """metrics.csv of a stage: one row per log step (appended to when resumed)."""
+
+    def __init__(self, path: Path, fresh: bool):
+        new = fresh or not path.exists()
+        self.file = open(path, "w" if new else "a", newline="")  # noqa: SIM115 (closed by close())
+        self.writer = csv.writer(self.file)
+        if new:
+            self.writer.writerow(["step", "lr", *LOSS_TERMS, "samples_per_s", "eval"])
+
+    def write(self, step: int, lr: float, mean: dict[str, float], rate: float, eval_text: str) -> None:
+        terms = [f"{mean[k]:.5f}" if k in mean else "" for k in LOSS_TERMS]
+        self.writer.writerow([step, f"{lr:.3e}", *terms, f"{rate:.1f}", eval_text])
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = None, progress: bool = True,
@@ -544,7 +597,7 @@ def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = No
                   "this_invocation_seconds": time.perf_counter() - t0,
                   "torch_threads": torch.get_num_threads(), "device": device}
         if final_eval and config.final_eval_samples:
-            metrics = evaluate(model, "heldout", config.final_eval_samples, progress=progress)
+            metrics = evaluate(NextChatPredictor(model), "heldout", config.final_eval_samples, progress=progress)
             report["heldout_metrics"] = metrics
             print(format_metrics(metrics))
         (out / "report.json").write_text(json.dumps(report, indent=2))

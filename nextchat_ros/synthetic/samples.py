@@ -1,6 +1,6 @@
 """Samples for every NExT-Chat task, made from procedural tabletop scenes.
 
-Each scene (``nextchat_ros.scenes.render_scene``) gives exact boxes and masks;
+Each scene (``scenes.render_scene``) gives exact boxes and masks;
 this module turns it into question/answer pairs whose answers are written the
 way the model writes them: ``phrase [k]`` for each grounded mention. Every
 sample is a pure function of (split, index): the held-out split uses seeds the
@@ -13,12 +13,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nextchat_ros.scenes import COLORS, KINDS, Scene, SceneObject, render_scene
-from nextchat_ros.scoring import NUMBERS, TASKS
+from ..scoring import NUMBERS
+from .scenes import COLORS, KINDS, SIZES, Scene, SceneObject, render_scene
 
+# Every task of the synthetic tabletop data.
+TASKS = ("rec", "multi", "region_caption", "grounded_caption", "count", "pope", "instruction", "color_vqa")
 # Relative frequency of each task in training.
 DEFAULT_TASK_WEIGHTS = {"rec": 4.0, "multi": 1.0, "region_caption": 2.0, "grounded_caption": 1.0, "count": 1.0,
                         "pope": 2.0, "instruction": 2.0, "color_vqa": 1.0}
+# ... and in `nextchat evaluate`'s default mix.
+EVAL_TASK_WEIGHTS = {"rec": 3.0, "pope": 2.0, "region_caption": 2.0, "instruction": 1.0, "multi": 1.0,
+                     "grounded_caption": 1.0, "count": 1.0, "color_vqa": 1.0}
 SPLIT_SEED = {"train": 0, "heldout": 1_000_000_000, "test": 2_000_000_000}
 REC_QUESTIONS = ["where is the {ref}?", "find the {ref}.", "point to the {ref}.", "locate the {ref}.",
                  "show me the {ref}.", "which object is the {ref}?"]
@@ -138,91 +143,112 @@ def _absent(scene: Scene, rng: np.random.Generator, strategy: str) -> tuple[str,
     return pool[int(rng.integers(len(pool)))]
 
 
+def _rec_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    choices = [(o, e, a) for o in objs for e, a in anchored_expressions(scene, o)]
+    if not choices:
+        return None
+    target, expr, anchor = choices[int(rng.integers(len(choices)))]
+    q = REC_QUESTIONS[int(rng.integers(len(REC_QUESTIONS)))].format(ref=expr)
+    looks = [(q.index(expr) + len(expr), anchor)] if anchor is not None else []
+    return Sample("rec", q, "Answer: [0] .", answer_objects=[target], truth={"expression": expr},
+                  question_looks=looks)
+
+
+def _multi_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    if rng.random() < 0.5:
+        color = objs[int(rng.integers(len(objs)))].color
+        group = [o for o in objs if o.color == color]
+        q = f"find all the {color} objects."
+    else:
+        kind = objs[int(rng.integers(len(objs)))].kind
+        group = [o for o in objs if o.kind == kind]
+        q = f"find all the {_plural(kind)}."
+    group = sorted(group, key=lambda o: o.center[0])
+    parts = [f"the {o.color} {o.kind} [{k}]" for k, o in enumerate(group)]
+    return Sample("multi", q, _join(parts) + ".", answer_objects=group, truth={"count": len(group)})
+
+
+def _region_caption_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    target = objs[int(rng.integers(len(objs)))]
+    q = ["describe [0].", "what is [0]?", "what object is in [0]?"][int(rng.integers(3))]
+    return Sample("region_caption", q, _caption(target) + ".", regions=[target.box.copy()],
+                  truth={"color": target.color, "kind": target.kind, "size": target.size})
+
+
+def _grounded_caption_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    group = sorted(objs, key=lambda o: o.center[0])
+    parts = [f"{_caption(o)} [{k}]" for k, o in enumerate(group)]
+    q = ["describe the image.", "what is on the table?", "describe the scene and ground every object."][
+        int(rng.integers(3))]
+    return Sample("grounded_caption", q, "there is " + _join(parts) + ".", answer_objects=group,
+                  truth={"count": len(group)})
+
+
+def _count_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    kind = (objs[int(rng.integers(len(objs)))].kind if rng.random() < 0.8
+            else KINDS[int(rng.integers(len(KINDS)))])
+    n = sum(o.kind == kind for o in objs)
+    verb, noun = ("is", kind) if n == 1 else ("are", _plural(kind))
+    return Sample("count", f"how many {_plural(kind)} are there?", f"there {verb} {NUMBERS[n]} {noun}.",
+                  truth={"count": n, "kind": kind})
+
+
+def _pope_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    if rng.random() < 0.5:
+        target = objs[int(rng.integers(len(objs)))]
+        color, kind = target.color, target.kind
+        matches = [o for o in objs if o.color == color and o.kind == kind]
+        parts = [f"the {color} {kind} [{k}]" for k, _ in enumerate(matches)]
+        return Sample("pope", f"is there a {color} {kind} in the image?", "yes, " + _join(parts) + ".",
+                      answer_objects=matches, truth={"label": "yes", "strategy": "positive"})
+    strategy = ("random", "popular", "adversarial")[int(rng.integers(3))]
+    color, kind = _absent(scene, rng, strategy)
+    # A "no" grounds the look-alikes it was told apart from (the asked kind in
+    # another colour, else the asked colour on another kind), so the decision is
+    # made looking at them, as a "yes" is made looking at its matches.
+    alike = ([o for o in objs if o.kind == kind] or [o for o in objs if o.color == color])[:3]
+    answer = "no." if not alike else "no. there is " + _join(
+        [f"the {o.color} {o.kind} [{k}]" for k, o in enumerate(alike)]) + "."
+    return Sample("pope", f"is there a {color} {kind} in the image?", answer, answer_objects=alike,
+                  truth={"label": "no", "strategy": strategy})
+
+
+def _instruction_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    named = [(o, n) for o in objs if (n := _simple_name(scene, o))]
+    if not named:
+        return None
+    target, name = named[int(rng.integers(len(named)))]
+    others = [(o, n) for o, n in named if o is not target]
+    if others and rng.random() < 0.4:
+        dest, dname = others[int(rng.integers(len(others)))]
+        return Sample("instruction", f"put the {name} next to the {dname}.",
+                      f"moving the {name} [0] next to the {dname} [1].", answer_objects=[target, dest],
+                      truth={"target": name})
+    verb = ["pick up", "grab", "push"][int(rng.integers(3))]
+    gerund = {"pick up": "picking up", "grab": "grabbing", "push": "pushing"}[verb]
+    return Sample("instruction", f"{verb} the {name}.", f"{gerund} the {name} [0].", answer_objects=[target],
+                  truth={"target": name})
+
+
+def _color_vqa_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    named = [(o, o.kind) for o in objs if sum(p.kind == o.kind for p in objs) == 1]
+    if not named:
+        return None
+    target, kind = named[int(rng.integers(len(named)))]
+    return Sample("color_vqa", f"what color is the {kind}?", f"the {kind} [0] is {target.color}.",
+                  answer_objects=[target], truth={"color": target.color})
+
+
+_SAMPLERS = {"rec": _rec_sample, "multi": _multi_sample, "region_caption": _region_caption_sample,
+             "grounded_caption": _grounded_caption_sample, "count": _count_sample, "pope": _pope_sample,
+             "instruction": _instruction_sample, "color_vqa": _color_vqa_sample}
+
+
 def make_sample(scene: Scene, task: str, rng: np.random.Generator) -> Sample | None:
     """One sample of ``task`` about ``scene`` (None when the scene cannot give one)."""
-    objs = scene.objects
-    if not objs:
-        return None
-    if task == "rec":
-        choices = [(o, e, a) for o in objs for e, a in anchored_expressions(scene, o)]
-        if not choices:
-            return None
-        target, expr, anchor = choices[int(rng.integers(len(choices)))]
-        q = REC_QUESTIONS[int(rng.integers(len(REC_QUESTIONS)))].format(ref=expr)
-        looks = [(q.index(expr) + len(expr), anchor)] if anchor is not None else []
-        return Sample(task, q, "Answer: [0] .", answer_objects=[target], truth={"expression": expr},
-                      question_looks=looks)
-    if task == "multi":
-        if rng.random() < 0.5:
-            color = objs[int(rng.integers(len(objs)))].color
-            group = [o for o in objs if o.color == color]
-            q = f"find all the {color} objects."
-        else:
-            kind = objs[int(rng.integers(len(objs)))].kind
-            group = [o for o in objs if o.kind == kind]
-            q = f"find all the {_plural(kind)}."
-        group = sorted(group, key=lambda o: o.center[0])
-        parts = [f"the {o.color} {o.kind} [{k}]" for k, o in enumerate(group)]
-        return Sample(task, q, _join(parts) + ".", answer_objects=group, truth={"count": len(group)})
-    if task == "region_caption":
-        target = objs[int(rng.integers(len(objs)))]
-        q = ["describe [0].", "what is [0]?", "what object is in [0]?"][int(rng.integers(3))]
-        return Sample(task, q, _caption(target) + ".", regions=[target.box.copy()],
-                      truth={"color": target.color, "kind": target.kind, "size": target.size})
-    if task == "grounded_caption":
-        group = sorted(objs, key=lambda o: o.center[0])
-        parts = [f"{_caption(o)} [{k}]" for k, o in enumerate(group)]
-        q = ["describe the image.", "what is on the table?", "describe the scene and ground every object."][
-            int(rng.integers(3))]
-        return Sample(task, q, "there is " + _join(parts) + ".", answer_objects=group, truth={"count": len(group)})
-    if task == "count":
-        kind = (objs[int(rng.integers(len(objs)))].kind if rng.random() < 0.8
-                else KINDS[int(rng.integers(len(KINDS)))])
-        n = sum(o.kind == kind for o in objs)
-        verb, noun = ("is", kind) if n == 1 else ("are", _plural(kind))
-        return Sample(task, f"how many {_plural(kind)} are there?", f"there {verb} {NUMBERS[n]} {noun}.",
-                      truth={"count": n, "kind": kind})
-    if task == "pope":
-        if rng.random() < 0.5:
-            target = objs[int(rng.integers(len(objs)))]
-            color, kind = target.color, target.kind
-            matches = [o for o in objs if o.color == color and o.kind == kind]
-            parts = [f"the {color} {kind} [{k}]" for k, _ in enumerate(matches)]
-            return Sample(task, f"is there a {color} {kind} in the image?", "yes, " + _join(parts) + ".",
-                          answer_objects=matches, truth={"label": "yes", "strategy": "positive"})
-        strategy = ("random", "popular", "adversarial")[int(rng.integers(3))]
-        color, kind = _absent(scene, rng, strategy)
-        # A "no" grounds the look-alikes it was told apart from (the asked kind in
-        # another colour, else the asked colour on another kind), so the decision is
-        # made looking at them, as a "yes" is made looking at its matches.
-        alike = ([o for o in objs if o.kind == kind] or [o for o in objs if o.color == color])[:3]
-        answer = "no." if not alike else "no. there is " + _join(
-            [f"the {o.color} {o.kind} [{k}]" for k, o in enumerate(alike)]) + "."
-        return Sample(task, f"is there a {color} {kind} in the image?", answer, answer_objects=alike,
-                      truth={"label": "no", "strategy": strategy})
-    if task == "instruction":
-        named = [(o, n) for o in objs if (n := _simple_name(scene, o))]
-        if not named:
-            return None
-        target, name = named[int(rng.integers(len(named)))]
-        others = [(o, n) for o, n in named if o is not target]
-        if others and rng.random() < 0.4:
-            dest, dname = others[int(rng.integers(len(others)))]
-            return Sample(task, f"put the {name} next to the {dname}.",
-                          f"moving the {name} [0] next to the {dname} [1].", answer_objects=[target, dest],
-                          truth={"target": name})
-        verb = ["pick up", "grab", "push"][int(rng.integers(3))]
-        gerund = {"pick up": "picking up", "grab": "grabbing", "push": "pushing"}[verb]
-        return Sample(task, f"{verb} the {name}.", f"{gerund} the {name} [0].", answer_objects=[target],
-                      truth={"target": name})
-    if task == "color_vqa":
-        named = [(o, o.kind) for o in objs if sum(p.kind == o.kind for p in objs) == 1]
-        if not named:
-            return None
-        target, kind = named[int(rng.integers(len(named)))]
-        return Sample(task, f"what color is the {kind}?", f"the {kind} [0] is {target.color}.",
-                      answer_objects=[target], truth={"color": target.color})
-    raise ValueError(f"unknown task {task}")
+    if task not in _SAMPLERS:
+        raise ValueError(f"unknown task {task}")
+    return _SAMPLERS[task](scene, scene.objects, rng) if scene.objects else None
 
 
 def _join(parts: list[str]) -> str:
@@ -274,3 +300,21 @@ class SyntheticTabletop:
             else:
                 raise RuntimeError(f"scene {seed} gives no sample")  # a scene always has >= 1 object
         return scene, samples
+
+
+def expression_type(expression: str) -> str:
+    """The kind of one of this grammar's referring expressions, e.g. "ring left of
+    the red cube" -> "relation", "green object" -> "color object", "smallest object"
+    -> "smallest object", "leftmost cup" -> "leftmost kind"."""
+    said = expression.split()
+    if any(f" {r} the " in f" {expression} " for r in ("left of", "right of", "behind")):
+        return "relation"
+    if expression.startswith("object nearest to"):
+        return "nearest to anchor"
+    if said[0] in ("leftmost", "rightmost", "largest", "smallest", "nearest"):
+        return f"{said[0]} " + ("object" if said[-1] == "object" else "kind")
+    if said[-1] == "object":
+        return "color object"
+    if len(said) == 1:
+        return "kind"
+    return "size kind" if said[0] in SIZES else "color kind"
