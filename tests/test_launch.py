@@ -187,7 +187,7 @@ def test_an_explicit_launch_argument_wins_over_the_params_file(launch, workspace
     launched.wait_for("nextchat_grounding ready")
     log = launched.log
     assert f"model_dir='{saved_tiny}'" in log and "device='cpu'" in log and "queue_size=3" in log
-    assert launched.ctrl_c() == 0
+    assert launched.ctrl_c() == 0, launched.log[-3000:]
 
 
 @pytest.mark.parametrize("arguments,message", [
