@@ -431,12 +431,20 @@ class _Serving:
         """Runs on the service's worker thread (publishers are thread-safe)."""
         header = frame_header(outcome.frame, self.get_clock().now().to_msg())
         result = result_msg(outcome, header, with_masks=self.params.publish_masks)
-        self.result_pub.publish(result)
-        text = outcome.text if outcome.status == Status.OK else f"[{outcome.status.name}] {outcome.error}"
-        self.answer_pub.publish(String(data=text))
-        if outcome.status == Status.OK and outcome.objects:
-            self._publish_images(outcome, header)
-            self._publish_target(outcome, header)
+        try:
+            self.result_pub.publish(result)
+            text = outcome.text if outcome.status == Status.OK else f"[{outcome.status.name}] {outcome.error}"
+            self.answer_pub.publish(String(data=text))
+            if outcome.status == Status.OK and outcome.objects:
+                self._publish_images(outcome, header)
+                self._publish_target(outcome, header)
+        except _rclpy.RCLError as exc:
+            if rclpy.ok():
+                raise
+            # rclpy's SIGINT handler shuts the context down at once, so the result of a
+            # query that was in flight at Ctrl-C can no longer be sent.
+            self.get_logger().warning(f"result of query {outcome.request.query_id!r} not published: the node "
+                                      f"is shutting down ({str(exc).split(',')[0]})")
         return result
 
     def _publish_images(self, outcome: Outcome, header) -> None:

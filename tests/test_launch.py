@@ -135,14 +135,18 @@ def test_launch_remaps_answers_echoes_and_stops_cleanly_on_ctrl_c(launch, worksp
         assert results[0].query == "where is the cube?" and len(results[0].objects) == 1
         # `ros2 topic echo --once` prints the first result it gets; ask again until it has one
         # (its subscription may match the node's publisher after the first result went out).
-        deadline = time.monotonic() + 60
+        deadline, asked = time.monotonic() + 60, 1
         while echo.process.poll() is None and time.monotonic() < deadline:
             query_pub.publish(String(data="where is the cube?"))
+            asked += 1
             for _ in range(25):
                 executor.spin_once(timeout_sec=0.2)
                 if echo.process.poll() is not None:
                     break
         assert echo.wait(10) == 0
+        deadline = time.monotonic() + 60  # every query answered before the Ctrl-C below
+        while len(results) < asked and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.2)
         assert "query: where is the cube?" in echo.log and "status: 0" in echo.log
     finally:
         executor.shutdown()
