@@ -292,16 +292,14 @@ class _Serving:
             return
         service.close()
         for entity in self._entities:
-            self._destroy(entity)
+            for destroy in (self.destroy_subscription, self.destroy_publisher, self.destroy_service,
+                            self.destroy_timer):
+                if destroy(entity):  # each returns False for an entity of another kind
+                    break
         self._entities = []
 
-    def _destroy(self, entity) -> None:
-        for destroy in (self.destroy_subscription, self.destroy_publisher, self.destroy_service, self.destroy_timer):
-            try:
-                if destroy(entity):
-                    return
-            except (TypeError, AttributeError):
-                continue
+    def _parameters_text(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self.params).items())
 
     def _refusal(self) -> tuple[Status, str] | None:
         # As the service answers what is still queued when it closes.
@@ -491,8 +489,7 @@ class GroundingNode(_Serving, Node):
     def __init__(self, node_name: str = "nextchat_grounding", **kwargs):
         super().__init__(node_name, **kwargs)
         self._start_serving(declare_parameters(self))
-        self.get_logger().info("nextchat_grounding ready: " + ", ".join(f"{k}={v!r}" for k, v in
-                                                                         vars(self.params).items()))
+        self.get_logger().info(f"nextchat_grounding ready: {self._parameters_text()}")
 
 
 class ManagedGroundingNode(_Serving, LifecycleNode):
@@ -513,8 +510,7 @@ class ManagedGroundingNode(_Serving, LifecycleNode):
         except (ValueError, NextChatError) as exc:
             self.get_logger().error(f"configure failed: {exc}")
             return TransitionCallbackReturn.FAILURE
-        self.get_logger().info(f"nextchat_grounding configured; {memory_use()}: "
-                               + ", ".join(f"{k}={v!r}" for k, v in vars(self.params).items()))
+        self.get_logger().info(f"nextchat_grounding configured; {memory_use()}: {self._parameters_text()}")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state) -> TransitionCallbackReturn:
