@@ -19,13 +19,12 @@ import torch
 
 from .errors import BackendError
 from .model.parts import MaskPart, SamEncoderPart, VisionPart
+from .options import BACKENDS, PRECISIONS
 from .tensorrt_engines import build_engine, import_tensorrt, stale_engine_reason
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 PARTS = ("vision", "sam_encoder", "mask")
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16")  # of the exported graphs (`nextchat export --fp16` adds fp16)
 
 
 def model_fingerprint(model) -> str:

@@ -15,6 +15,8 @@ Topics (relative names, remap as usual):
        vision_msgs is installed), target_point (geometry_msgs/PointStamped: the
        first object of an instruction), /diagnostics
   srv: ground (nextchat_ros/Ground)
+  action: ask (nextchat_ros/Ask: feedback streams the answer so far and the objects
+       grounded so far, token by token; cancel stops generation at the next token)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PointStamped
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.action import ActionServer, CancelResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -44,12 +47,13 @@ from rclpy.task import Future
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
-from .backends import BACKENDS, PRECISIONS
+from .action import Ask
 from .errors import ImageError, NextChatError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .msg import GroundingResult, Query
+from .options import BACKENDS, DEFAULT_MAX_NEW_TOKENS, PRECISIONS
 from .overlay import draw_overlay
-from .predictor import DEFAULT_MAX_NEW_TOKENS, load_predictor
+from .predictor import load_predictor
 from .ros_images import (
     compressed_msg_to_rgb,
     depth_msg_to_metres,
@@ -59,7 +63,7 @@ from .ros_images import (
     roi_to_xyxy,
     stamp_to_ns,
 )
-from .ros_messages import HAVE_VISION_MSGS, detections_msg, frame_header, label_image, result_msg
+from .ros_messages import HAVE_VISION_MSGS, detections_msg, frame_header, label_image, object_msg, result_msg
 from .service import GroundingService, Outcome, Request, Status
 from .srv import Ground
 
@@ -68,6 +72,7 @@ if HAVE_VISION_MSGS:
 
 MODES = ("auto", "generate", "ground")
 IMAGE_QOS = ("sensor_data", "reliable")
+# The longest the ground service and the Ask action wait for a query's outcome.
 SERVICE_TIMEOUT_S = 120.0
 # Teardown normally takes 10-200 ms; ros2 launch sends SIGTERM 5 s after SIGINT, then SIGKILL.
 SHUTDOWN_GRACE_S = 4.0
@@ -292,6 +297,9 @@ class _Serving:
             return
         service.close()
         for entity in self._entities:
+            if isinstance(entity, ActionServer):
+                entity.destroy()  # removes itself from the node's waitables
+                continue
             for destroy in (self.destroy_subscription, self.destroy_publisher, self.destroy_service,
                             self.destroy_timer):
                 if destroy(entity):  # each returns False for an entity of another kind
@@ -341,6 +349,11 @@ class _Serving:
         # callback holds its group, and the default (mutually exclusive) group
         # holds every subscription.
         entities.append(self.create_service(Ground, "ground", self._on_ground, callback_group=ReentrantCallbackGroup()))
+        # Every goal is accepted and gets one result; a refusal (overloaded, no image,
+        # inactive...) is that result's status, with the goal aborted.
+        entities.append(ActionServer(self, Ask, "ask", execute_callback=self._on_ask,
+                                     cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+                                     callback_group=ReentrantCallbackGroup()))
         return entities
 
     def close(self) -> None:
@@ -396,9 +409,31 @@ class _Serving:
         self._submit(self._request_from(msg, self._publish))
 
     async def _on_ground(self, request, response):
+        response.result = await self._outcome_of(request.query, request.image)
+        return response
+
+    async def _on_ask(self, goal):
+        def progress(text, objects, tokens) -> None:  # on the worker thread, after each token
+            header = frame_header(None, self.get_clock().now().to_msg())
+            goal.publish_feedback(Ask.Feedback(answer=text, objects=[object_msg(o, header, False) for o in objects],
+                                               tokens=tokens))
+
+        result = await self._outcome_of(goal.request.query, goal.request.image, progress,
+                                        lambda: goal.is_cancel_requested)
+        if result.status == GroundingResult.STATUS_OK:
+            goal.succeed()
+        elif result.status == GroundingResult.STATUS_CANCELLED and goal.is_cancel_requested:
+            goal.canceled()
+        else:
+            goal.abort()
+        return Ask.Result(result=result)
+
+    async def _outcome_of(self, query, image, progress=None, cancelled=None) -> GroundingResult:
+        """Submit one query (about ``image``, or the camera's frame when it is empty) and
+        await its published result, or an INTERNAL_ERROR result after SERVICE_TIMEOUT_S."""
         outcome = Future(executor=self.executor)
         # A done callback makes set_result (on the worker thread) wake the executor,
-        # which then resumes this coroutine.
+        # which then resumes the awaiting coroutine.
         outcome.add_done_callback(lambda _: None)
         settle = threading.Lock()
 
@@ -408,21 +443,22 @@ class _Serving:
                     outcome.set_result(result)
 
         def timed_out() -> None:
-            result = GroundingResult(query_id=request.query.id, query=request.query.text,
+            result = GroundingResult(query_id=query.id, query=query.text,
                                      status=GroundingResult.STATUS_INTERNAL_ERROR,
                                      error=f"no result within {SERVICE_TIMEOUT_S:.0f} s")
             result.header.stamp = self.get_clock().now().to_msg()
             settle_once(result)
 
-        image = request.image
         frame = self._frame_from(image, image_msg_to_rgb) if image.width or image.height or len(image.data) else None
         timer = threading.Timer(SERVICE_TIMEOUT_S, timed_out)
         timer.daemon = True
         timer.start()
-        self._submit(self._request_from(request.query, lambda o: settle_once(self._publish(o)), frame))
-        response.result = await outcome
+        request = self._request_from(query, lambda o: settle_once(self._publish(o)), frame)
+        request.progress, request.cancelled = progress, cancelled
+        self._submit(request)
+        result = await outcome
         timer.cancel()
-        return response
+        return result
 
     # --- outputs -------------------------------------------------------------------
     def _publish(self, outcome: Outcome) -> GroundingResult:

@@ -30,12 +30,14 @@ from .images import (
     validate_regions,
 )
 from .model.nextchat import NextChatModel
-from .queries import MODES, phrase_from_answer, phrase_from_query
+from .options import DEFAULT_MAX_NEW_TOKENS
+from .queries import MODES, normalize_query, phrase_from_answer, phrase_from_query
 from .records import GroundedObject
 
-# Longest answer, in tokens, unless a caller asks otherwise (the node's max_new_tokens too).
-DEFAULT_MAX_NEW_TOKENS = 48
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+# Called after each generated token with the answer so far, the objects grounded so
+# far (no masks yet) and the number of tokens generated (streamed answers).
+ProgressCallback = Callable[[str, list[GroundedObject], int], None]
 
 
 @dataclass
@@ -49,6 +51,9 @@ class Answer:
     token_ids: list[int] = field(default_factory=list)
     location_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
     truncated: bool = False
+    # Generation was stopped by the caller (``stop``) before the answer ended; the
+    # text and objects are what had been generated, without masks.
+    cancelled: bool = False
 
 
 @dataclass
@@ -119,14 +124,20 @@ class NextChatPredictor:
     @torch.inference_mode()
     def ask(self, query: str, regions=None, mode: str = "generate", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-            masks: bool = True, logits_processor: LogitsProcessor | None = None) -> Answer:
+            masks: bool = True, logits_processor: LogitsProcessor | None = None,
+            on_progress: ProgressCallback | None = None, stop: Callable[[], bool] | None = None) -> Answer:
         """Answer ``query`` about the current image.
 
+        The query is read as ``queries.normalize_query`` writes it (case, spacing and a
+        closing mark do not change the answer).
         regions: user boxes in pixels (x1, y1, x2, y2), referred to as [0], [1], ...
         mode: ``generate`` (free generation, greedy unless temperature > 0) or
         ``ground`` (the fixed answer ``Answer: <trigger>``: one forward, one box).
         logits_processor: ``f(generated_ids, logits) -> logits`` applied before each
         pick in ``generate`` mode (constrained decoding, e.g. forcing a grounding).
+        on_progress: called after each generated token (``ProgressCallback``), on this thread.
+        stop: checked before each token; when it returns True generation ends there and
+        the answer comes back with ``cancelled`` set (no masks are computed for it).
         """
         if mode not in MODES:
             raise QueryError(f"unknown mode '{mode}'; use one of {MODES}")
@@ -134,6 +145,7 @@ class NextChatPredictor:
             raise QueryError("temperature must be >= 0 and top_p in (0, 1]")
         if max_new_tokens < 1:
             raise QueryError("max_new_tokens must be at least 1")
+        query = normalize_query(query)
         with self._lock:
             frame = self._frame
             if frame is None:
@@ -142,15 +154,19 @@ class NextChatPredictor:
             question = self.model.prompt.question(query, len(region_px))
             try:
                 t0 = time.perf_counter()
-                if mode == "ground":
+                if stop is not None and stop():
+                    answer, hiddens = Answer(text="", objects=[], mode=mode, cancelled=True), []
+                elif mode == "ground":
                     answer, hiddens = self._ground(frame, query, question, region_px)
+                    if on_progress is not None:
+                        on_progress(answer.text, list(answer.objects), 1)
                 else:
                     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
                     answer, hiddens = self._generate(frame, question, region_px, max_new_tokens, temperature, top_p,
-                                                     generator, logits_processor)
+                                                     generator, logits_processor, on_progress, stop)
                 self._sync()
                 t1 = time.perf_counter()
-                if masks and answer.objects:
+                if masks and answer.objects and not answer.cancelled:
                     self._add_masks(frame, answer, hiddens)
                 self._sync()
                 t2 = time.perf_counter()
@@ -191,7 +207,7 @@ class NextChatPredictor:
                       location_boxes=torch.cat([region_boxes, box[None]]).float().cpu().numpy()), [h]
 
     def _generate(self, frame, question, region_px, max_new_tokens, temperature, top_p, generator,
-                  logits_processor) -> tuple[Answer, list[torch.Tensor]]:
+                  logits_processor, on_progress=None, stop=None) -> tuple[Answer, list[torch.Tensor]]:
         """Free generation; also returns each object's trigger hidden state (for its mask)."""
         model, tok = self.model, self.model.tokenizer
         region_boxes = self._region_boxes(frame, region_px)
@@ -203,14 +219,16 @@ class NextChatPredictor:
         objects: list[GroundedObject] = []
         hiddens: list[torch.Tensor] = []
         budget = model.config.llm.max_position_embeddings - frame.prefix_len - len(token_ids)
-        truncated = True
+        truncated = cancelled = False
         generated: list[int] = []
         for _ in range(min(max_new_tokens, budget - 2)):
+            if stop is not None and stop():
+                cancelled = True
+                break
             if logits_processor is not None:
                 logits = logits_processor(generated, logits)
             token = self._pick(logits, temperature, top_p, generator)
             if token == tok.eos_id:
-                truncated = False
                 break
             if token == tok.trigger_id:
                 p_trigger = logits.float().softmax(-1)[token].item()
@@ -230,12 +248,13 @@ class NextChatPredictor:
                 generated.append(token)
                 pieces[-1].append(token)
             logits = model.llm.lm_head(hidden[0, -1])
-        text = tok.decode(pieces[0])
-        for k, piece in enumerate(pieces[1:]):
-            text += f" [{k}]" + tok.decode(piece)
+            if on_progress is not None:
+                on_progress(_answer_text(tok, pieces), list(objects), len(generated))
+        else:
+            truncated = True  # the token budget ran out before the end of the answer
         boxes = torch.stack(loc_boxes).float().cpu().numpy() if loc_boxes else np.zeros((0, 4))
-        return Answer(text=text.strip(), objects=objects, mode="generate", token_ids=token_ids,
-                      location_boxes=boxes, truncated=truncated), hiddens
+        return Answer(text=_answer_text(tok, pieces), objects=objects, mode="generate", token_ids=token_ids,
+                      location_boxes=boxes, truncated=truncated, cancelled=cancelled), hiddens
 
     def _pick(self, logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
         logits = logits.float().masked_fill(self._banned, float("-inf"))
@@ -276,6 +295,14 @@ class NextChatPredictor:
             torch.cuda.synchronize(self.device)
 
 
+def _answer_text(tok, pieces: list[list[int]]) -> str:
+    """The answer's text: the pieces between triggers, each object's index after its phrase."""
+    text = tok.decode(pieces[0])
+    for k, piece in enumerate(pieces[1:]):
+        text += f" [{k}]" + tok.decode(piece)
+    return text.strip()
+
+
 def load_predictor(model_dir: str | Path | None = None, backend: str = "torch", export_dir: str | Path | None = None,
                    device: str = "cpu", precision: str | None = None,
                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -303,4 +330,4 @@ def load_predictor(model_dir: str | Path | None = None, backend: str = "torch", 
     return NextChatPredictor(model, device=device, max_image_pixels=max_image_pixels, backend=parts)
 
 
-__all__ = ["MODES", "Answer", "GroundedObject", "NextChatPredictor", "load_predictor"]
+__all__ = ["MODES", "Answer", "GroundedObject", "NextChatPredictor", "ProgressCallback", "load_predictor"]

@@ -1,9 +1,10 @@
-"""How a query is read: which answer mode it gets, whether it is an instruction,
-and the phrase an answer's object is named by. One place, used by the service (so
-the node), `nextchat evaluate` and `nextchat bag eval --offline`, so every path
-asks the same question the same way.
+"""How a query is read: the text the model is given (``normalize_query``), which
+answer mode it gets, whether it is an instruction, and the phrase an answer's
+object is named by. One place, used by the predictor and the service (so the
+node), `nextchat evaluate` and `nextchat bag eval --offline`, so every path asks
+the same question the same way.
 
-The model answers in English; these patterns only route a query (they never
+The model answers in English; the patterns below only route a query (they never
 change what the model is asked).
 """
 
@@ -37,6 +38,28 @@ _QUERY_LEAD = re.compile(rf"^{_POLITE}(?:{_alternatives(_QUERY_LEAD_VERBS)})\s+"
 # Words before an object's name in the model's own answer text.
 _ANSWER_LEAD = re.compile(r"^(?:answer:|and|or|with|then|also|is|are|it is|there is|there are|yes|"
                           r"picking up|grabbing|pushing|moving|placing|putting|next to)\s+", re.I)
+
+
+_SPACES = re.compile(r"\s+")
+_QUESTION_START = re.compile(r"^(?:where|what|which|who|whose|how|is|are|was|were|can|could|do|does|did|will|would|"
+                             r"should|has|have)\b")
+
+
+def normalize_query(text: str) -> str:
+    """The text as the model was taught to read it: lower case, single spaces, and a
+    closing "?" (a question) or "." (anything else) when it has no closing mark.
+
+    The tokenizer is case-sensitive and the model only ever saw lower-case, punctuated
+    questions, so "WHERE IS THE RED CUBE" has to reach it as "where is the red cube?".
+    Region references ([0]) and typed special-token strings stay plain text. Anything
+    that is not a string is returned as it is (the prompt refuses it with a sentence).
+    """
+    if not isinstance(text, str):
+        return text
+    text = _SPACES.sub(" ", text).strip().lower()
+    if text and text[-1] not in ".?!":
+        text += "?" if _QUESTION_START.match(text) else "."
+    return text
 
 
 @dataclass(frozen=True)

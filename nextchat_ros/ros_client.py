@@ -1,5 +1,5 @@
 """A ROS client of the grounding node: publishes camera frames and queries,
-collects results, calls the service. Spins in a background thread, which
+collects results, calls the service and the Ask action. Spins in a background thread, which
 ``close()`` stops and joins before it destroys anything. Used by `nextchat demo`,
 the rosbag tools and the tests. Every wait is bounded and ends in TimeoutError."""
 
@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import rclpy
+from action_msgs.msg import GoalStatus
+from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from sensor_msgs.msg import CameraInfo, Image, RegionOfInterest
 from std_msgs.msg import String
 
+from .action import Ask
 from .msg import GroundingResult, Query
 from .ros_images import fill_image_msg
 from .ros_messages import result_objects
@@ -52,6 +56,24 @@ class Spinner:
         self.executor.shutdown(timeout_sec=timeout)
 
 
+@dataclass
+class StreamedAnswer:
+    """What one Ask goal gave: its feedback messages in order, the result, and the
+    goal's final status (action_msgs/GoalStatus: SUCCEEDED, CANCELED or ABORTED)."""
+
+    feedback: list = field(default_factory=list)
+    result: GroundingResult | None = None
+    goal_status: int = GoalStatus.STATUS_UNKNOWN
+
+
+def _wait_future(future, deadline: float, what: str):
+    while not future.done():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not arrive in time")
+        time.sleep(0.01)
+    return future.result()
+
+
 def image_msg(array: np.ndarray, stamp_ns: int, encoding: str = "rgb8", frame_id: str = "camera") -> Image:
     msg = fill_image_msg(Image(), array, encoding)
     msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
@@ -76,6 +98,7 @@ class GroundingClient:
         self.node.create_subscription(GroundingResult, f"{ns}/result", self._on_result, 1000)
         self.node.create_subscription(String, f"{ns}/answer", lambda m: self.answers.append(m.data), 50)
         self.client = self.node.create_client(Ground, f"{ns}/ground")
+        self.ask_client = ActionClient(self.node, Ask, f"{ns}/ask")
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.spinner = Spinner(self.executor, self.context, "nextchat-client-spin")
@@ -154,14 +177,52 @@ class GroundingClient:
             time.sleep(0.05)
         return future.result().result
 
+    def ask_streaming(self, query_id: str, text: str, image: Image | None = None, cancel_after: int | None = None,
+                      timeout: float = 60.0) -> StreamedAnswer:
+        """Send an Ask goal and collect its feedback and result. ``cancel_after``: request
+        cancellation once that many feedback messages have arrived."""
+        if not self.ask_client.wait_for_server(timeout_sec=timeout):
+            raise TimeoutError(f"the node's ask action did not appear within {timeout:.0f} s")
+        deadline = time.monotonic() + timeout
+        streamed = StreamedAnswer()
+        want_cancel = threading.Event()
+
+        def on_feedback(message) -> None:  # on the spin thread
+            streamed.feedback.append(message.feedback)
+            if cancel_after is not None and len(streamed.feedback) >= cancel_after:
+                want_cancel.set()
+
+        goal = Ask.Goal(query=Query(id=query_id, text=text))
+        if image is not None:
+            goal.image = image
+        sent = self.ask_client.send_goal_async(goal, feedback_callback=on_feedback)
+        goal_handle = _wait_future(sent, deadline, f"the ask action's goal response for {query_id!r}")
+        if not goal_handle.accepted:
+            raise RuntimeError(f"the ask action rejected the goal {query_id!r}")
+        result = goal_handle.get_result_async()
+        cancel_sent = False
+        while not result.done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the ask action's result for {query_id!r} did not arrive within {timeout:.0f} s")
+            # Cancelled from here, not from the feedback callback: feedback can arrive
+            # before the goal response has made the goal handle.
+            if want_cancel.is_set() and not cancel_sent:
+                goal_handle.cancel_goal_async()
+                cancel_sent = True
+            time.sleep(0.005)
+        response = result.result()
+        streamed.result, streamed.goal_status = response.result.result, response.status
+        return streamed
+
     def close(self) -> None:
         """Stop and join the spin thread, then destroy the node and the context (bounded)."""
         if self.closed:
             return
         self.closed = True
         self.spinner.stop()
+        self.ask_client.destroy()
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
 
 
-__all__ = ["GroundingClient", "Spinner", "image_msg", "result_objects"]
+__all__ = ["GroundingClient", "Spinner", "StreamedAnswer", "image_msg", "result_objects"]

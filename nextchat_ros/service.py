@@ -23,7 +23,8 @@ from enum import IntEnum
 import numpy as np
 
 from .errors import ImageError, QueryError
-from .predictor import DEFAULT_MAX_NEW_TOKENS, NextChatPredictor
+from .options import DEFAULT_MAX_NEW_TOKENS
+from .predictor import NextChatPredictor, ProgressCallback
 from .queries import choose_mode, read_query
 from .records import Frame, GroundedObject
 
@@ -41,6 +42,7 @@ class Status(IntEnum):
     OVERLOADED = 5
     INTERNAL_ERROR = 6
     INACTIVE = 7
+    CANCELLED = 8
 
 
 @dataclass
@@ -53,6 +55,11 @@ class Request:
     frame: Frame | None = None  # an explicit image (the service call), else the camera's
     received: float | None = None  # the service's clock; set by submit when None
     done: Callable[[Outcome], None] | None = None
+    # Streamed answers (the node's Ask action): called after each generated token with
+    # the answer so far, the objects so far and the token count, on the worker thread.
+    progress: ProgressCallback | None = None
+    # Checked before the request starts and before each token: True cancels it.
+    cancelled: Callable[[], bool] | None = None
 
 
 # The service's objects are the predictor's records, with ``position`` filled in
@@ -115,7 +122,7 @@ class GroundingService:
         self._frame_added = threading.Condition(self._frames_lock)
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=queue_size)
         self._encoded_key: int | None = None
-        self.counts = {"frames": 0, "queries": 0, "ok": 0, "refused": 0, "errors": 0}
+        self.counts = {"frames": 0, "queries": 0, "ok": 0, "refused": 0, "cancelled": 0, "errors": 0}
         self.last_timings: dict[str, float] = {}
         self._worker = threading.Thread(target=self._run, name="nextchat-grounding", daemon=True)
         self._worker.start()
@@ -191,8 +198,8 @@ class GroundingService:
     def _finish(self, outcome: Outcome) -> None:
         request = outcome.request
         outcome.timings_ms.setdefault("total_ms", (self.clock() - request.received) * 1e3)
-        key = "ok" if outcome.status == Status.OK else (
-            "refused" if outcome.status == Status.OVERLOADED else "errors")
+        key = {Status.OK: "ok", Status.OVERLOADED: "refused", Status.CANCELLED: "cancelled"}.get(
+            outcome.status, "errors")
         self.counts[key] += 1
         if outcome.status == Status.OK:
             self.last_timings = dict(outcome.timings_ms)
@@ -233,6 +240,8 @@ class GroundingService:
     def _handle(self, request: Request) -> Outcome:
         started = self.clock()
         timings = {"queue_ms": (started - request.received) * 1e3, "image_encode_ms": 0.0}
+        if request.cancelled is not None and request.cancelled():
+            return Outcome(request, Status.CANCELLED, "cancelled by the client before it was answered")
         frame, refusal = self._pick_frame(request)
         if refusal is not None:
             return refusal
@@ -249,7 +258,8 @@ class GroundingService:
         reading = read_query(request.text, request.mode or self.default_mode)
         try:
             answer = self.predictor.ask(request.text, regions=request.regions or None, mode=reading.mode,
-                                        max_new_tokens=self.max_new_tokens, masks=self.masks)
+                                        max_new_tokens=self.max_new_tokens, masks=self.masks,
+                                        on_progress=request.progress, stop=request.cancelled)
         except QueryError as exc:
             return Outcome(request, Status.BAD_QUERY, str(exc), frame=frame, mode=reading.mode)
         except ImageError as exc:
@@ -259,5 +269,8 @@ class GroundingService:
         objects = [dataclasses.replace(o, position=object_position(o.mask, frame.depth, frame.intrinsics))
                    for o in answer.objects]
         timings["total_ms"] = (self.clock() - request.received) * 1e3
+        if answer.cancelled:
+            return Outcome(request, Status.CANCELLED, "cancelled by the client while it was being answered",
+                           answer.text, objects, frame, reading.mode, timings, reading.instruction)
         return Outcome(request, Status.OK, "", answer.text, objects, frame, reading.mode, timings,
                        reading.instruction)

@@ -54,14 +54,14 @@ if ! stamp_ok requirements "$req_hash"; then
   rm -f "$STAMPS/interfaces"  # rebuild interfaces against the new packages
 fi
 
-# 3. This package's interfaces (msg/, srv/) generated and installed into the venv.
+# 3. This package's interfaces (msg/, srv/, action/) generated and installed into the venv.
 #    Only the interfaces: the Python code is installed editable in step 4. The
 #    generated Python modules go to their own folder, put on sys.path by a .pth
 #    that sorts after the editable install's, so `import nextchat_ros` finds the
 #    source tree and nextchat_ros/__init__.py extends its __path__ to them.
-if_hash=$(hash_of CMakeLists.txt package.xml msg/*.msg srv/*.srv)
+if_hash=$(hash_of CMakeLists.txt package.xml msg/*.msg srv/*.srv action/*.action)
 if ! stamp_ok interfaces "$if_hash"; then
-  say "generating ROS interfaces (msg/, srv/) with rosidl into the venv"
+  say "generating ROS interfaces (msg/, srv/, action/) with rosidl into the venv"
   build="$VENV/.nextchat-build/interfaces"
   rm -rf "$build"; mkdir -p "$build"
   (
@@ -102,6 +102,6 @@ if [ -x "$tools/install.sh" ] || [ -f "$tools/install.sh" ]; then
   bash "$tools/install.sh" "$VENV" 2>&1 | sed -e '/is ignored: it is neither/d' -e 's/^/[bootstrap] /'
 fi
 
-"$VENV/bin/python" -c "import nextchat_ros.msg, nextchat_ros.srv, nextchat_training, nextchat_export" \
+"$VENV/bin/python" -c "import nextchat_ros.msg, nextchat_ros.srv, nextchat_ros.action, nextchat_training, nextchat_export" \
   || { say "ERROR: nextchat_ros messages do not import from $VENV"; exit 1; }
 say "environment ready: $VENV"

@@ -176,15 +176,6 @@ def params_file(path, **values):
     return path
 
 
-def test_a_params_file_wins_over_the_launch_defaults(launch, workspace, tmp_path):
-    """Before: the launch file's own defaults overwrote the file's model_dir / device."""
-    bad = params_file(tmp_path / "params.yaml", device="cuda:7", queue_size=3)
-    launched = launch(f"{LAUNCH} params_file:={bad}")
-    assert launched.wait() == 1, launched.log[-3000:]
-    assert "parameter device='cuda:7'" in launched.log
-    assert "Traceback" not in launched.log
-
-
 def test_an_explicit_launch_argument_wins_over_the_params_file(launch, workspace, tmp_path, saved_tiny):
     params = params_file(tmp_path / "params.yaml", device="cuda:7", queue_size=3, model_dir="/nonexistent/model")
     launched = launch(f"{LAUNCH} params_file:={params} device:=cpu model_dir:={saved_tiny}")
@@ -194,29 +185,30 @@ def test_an_explicit_launch_argument_wins_over_the_params_file(launch, workspace
     assert launched.ctrl_c() == 0, launched.log[-3000:]
 
 
-@pytest.mark.parametrize("arguments,message", [
-    ("model_dir:=/nonexistent/model", "model directory not found: /nonexistent/model"),
-    ("device:=0", "parameter device='0' must be cpu, cuda or cuda:N"),
-    ("backend:=onnxruntime", "no export manifest"),
-])
-def test_a_node_that_cannot_start_makes_the_launch_fail(launch, workspace, tmp_path, arguments, message):
-    launched = launch(f"{LAUNCH} {arguments}")
-    assert launched.wait() == 1, launched.log[-3000:]
-    assert message in launched.log and "exited with status 1" in launched.log
-    assert "Traceback" not in launched.log
-
-
-@pytest.mark.parametrize("content,message", [
-    ("nextchat_grounding:\n  ros__parameters:\n    queue_size: [1, 2\n", "Couldn't parse params file"),
-    ("nextchat_grounding:\n  ros__parameters:\n    queue_size: eight\n", "parameter queue_size='eight' must be an "
-                                                                          "integer"),
-])
-def test_a_bad_params_file_is_one_line(launch, workspace, tmp_path, content, message):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(content)
-    launched = launch(f"{LAUNCH} params_file:={bad}")
-    assert launched.wait() == 1, launched.log[-3000:]
-    assert message in launched.log and "Traceback" not in launched.log
+def test_every_launch_whose_node_cannot_start_fails_with_one_line(launch, workspace, tmp_path):
+    """A params file that sets a bad value wins over the launch file's defaults (before:
+    the defaults overwrote its model_dir / device); bad launch arguments and bad params
+    files stop the node with one line, and `ros2 launch` exits 1. The launches run at
+    once: each pays its imports, and one after another they took a minute."""
+    bad_yaml = tmp_path / "bad_yaml.yaml"
+    bad_yaml.write_text("nextchat_grounding:\n  ros__parameters:\n    queue_size: [1, 2\n")
+    bad_type = tmp_path / "bad_type.yaml"
+    bad_type.write_text("nextchat_grounding:\n  ros__parameters:\n    queue_size: eight\n")
+    cases = [
+        (f"params_file:={params_file(tmp_path / 'params.yaml', device='cuda:7', queue_size=3)}",
+         "parameter device='cuda:7'"),
+        ("model_dir:=/nonexistent/model", "model directory not found: /nonexistent/model"),
+        ("device:=0", "parameter device='0' must be cpu, cuda or cuda:N"),
+        ("backend:=onnxruntime", "no export manifest"),
+        (f"params_file:={bad_yaml}", "Couldn't parse params file"),
+        (f"params_file:={bad_type}", "parameter queue_size='eight' must be an integer"),
+    ]
+    launched = [launch(f"{LAUNCH} {arguments}", f"case{k}_") for k, (arguments, _) in enumerate(cases)]
+    for (arguments, message), run in zip(cases, launched):
+        assert run.wait(120) == 1, (arguments, run.log[-3000:])
+        assert message in run.log and "Traceback" not in run.log, (arguments, run.log[-3000:])
+    for run in launched[:4]:  # the node started and exited with an error (a bad params file stops rcl first)
+        assert "exited with status 1" in run.log, run.log[-3000:]
 
 
 def test_ros2_run_with_the_installed_params_file_from_the_workspace_root(launch, workspace, tmp_path):

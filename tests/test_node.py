@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from action_msgs.msg import GoalStatus
 from sensor_msgs.msg import CameraInfo
 
 from nextchat_ros import node_process
@@ -89,6 +90,46 @@ def test_the_service_gives_the_same_answer_as_the_topics(client):
                                                                          abs=1e-3)
     newest = client.call("service-2", "where is the green cup?")  # no image: the newest camera frame
     assert newest.status == OK and newest.header.stamp == msg.header.stamp
+
+
+def test_the_ask_action_streams_the_answer_before_its_one_result(client):
+    _scene, msg = scene_frame(4, 1_700_000_001_500_000_000)
+    by_service = client.call("service-describe", "describe the image.", image=msg)
+    streamed = client.ask_streaming("ask-describe", "describe the image.", image=msg)
+    result = streamed.result
+    assert streamed.goal_status == GoalStatus.STATUS_SUCCEEDED and result.status == OK, result.error
+    assert result.answer == by_service.answer and len(result.objects) == len(by_service.objects) >= 1
+    assert result.header.stamp == msg.header.stamp and result.objects[0].mask.width == 320
+    # Feedback came token by token: growing counts, objects as they are grounded, the
+    # last one the whole answer (feedback carries no masks).
+    tokens = [f.tokens for f in streamed.feedback]
+    assert len(tokens) >= 4 and tokens == sorted(set(tokens))
+    assert len(streamed.feedback[0].objects) == 0 and len(streamed.feedback[-1].objects) == len(result.objects)
+    assert streamed.feedback[-1].answer == result.answer
+    assert all(o.mask.width == 0 for f in streamed.feedback for o in f.objects)
+    # One result per goal, and it is the one published on `result` too.
+    published = client.wait_result(lambda r: r.query_id == "ask-describe")
+    assert published.answer == result.answer
+    time.sleep(0.5)
+    assert not [r for r in client.results if r.query_id == "ask-describe"]
+    client.wait_result(lambda r: r.query_id == "service-describe")  # later tests ask this text again
+
+
+def test_cancelling_an_ask_goal_stops_it_at_the_next_token(client):
+    _scene, msg = scene_frame(4, 1_700_000_001_600_000_000)
+    whole = client.ask_streaming("ask-whole", "describe the image.", image=msg)
+    cut = client.ask_streaming("ask-cut", "describe the image.", image=msg, cancel_after=1)
+    assert cut.goal_status == GoalStatus.STATUS_CANCELED
+    assert cut.result.status == GroundingResult.STATUS_CANCELLED and "cancelled by the client" in cut.result.error
+    assert len(cut.feedback) < len(whole.feedback) and cut.result.llm_ms < whole.result.llm_ms
+    assert cut.result.answer == cut.feedback[-1].answer
+    refused = client.ask_streaming("ask-empty", "   ", image=msg)  # a refusal is the result, the goal aborted
+    assert refused.goal_status == GoalStatus.STATUS_ABORTED
+    assert refused.result.status == GroundingResult.STATUS_BAD_QUERY
+    again = client.ask_streaming("ask-again", "describe the image.", image=msg)
+    assert again.goal_status == GoalStatus.STATUS_SUCCEEDED and again.result.answer == whole.result.answer
+    for query_id in ("ask-whole", "ask-cut", "ask-empty", "ask-again"):  # one result each on `result`
+        client.wait_result(lambda r, query_id=query_id: r.query_id == query_id)
 
 
 def test_a_region_query_over_ros_gets_a_caption(client):

@@ -6,6 +6,7 @@ import torch
 
 from nextchat_ros.images import mask_box, normalized_to_pixels, pixels_to_normalized
 from nextchat_ros.predictor import NextChatPredictor
+from nextchat_ros.queries import normalize_query
 
 SPECIAL_STRINGS = "<trigger> <loc> <at> <boxes> <im_patch> <im_start> <im_end> <s> </s> <pad> <unk>"
 
@@ -137,7 +138,7 @@ def test_typed_special_token_strings_are_plain_text(predictor):
     ids = tok.encode(SPECIAL_STRINGS)
     assert not set(ids) & tok.special_ids
     assert tok.decode(ids) == SPECIAL_STRINGS
-    question = predictor.model.prompt.question(SPECIAL_STRINGS, 0)
+    question = predictor.model.prompt.question(normalize_query(SPECIAL_STRINGS), 0)  # as ask() reads it
     assert question.locations == {} and not set(question.ids) & tok.special_ids
     answer = predictor.ask(SPECIAL_STRINGS, max_new_tokens=12)
     # every object comes from a trigger the model generated, none from the text
@@ -191,3 +192,52 @@ def test_generated_phrases_drop_the_verbs_before_the_object(text, phrase):
     from nextchat_ros.queries import phrase_from_answer
 
     assert phrase_from_answer(text) == phrase
+
+
+def no_eos_with_a_trigger_at(step, tok):
+    """Answers that run to max_new_tokens with one object: the stream has many steps."""
+    def processor(generated, logits):
+        logits = logits.clone()
+        logits[tok.eos_id] = -1e9
+        if len(generated) == step:
+            logits = torch.full_like(logits, -1e9)
+            logits[tok.trigger_id] = 0.0
+        return logits
+    return processor
+
+
+def test_progress_streams_the_answer_and_stop_ends_it_at_the_next_token(predictor):
+    tok = predictor.model.tokenizer
+    ask = dict(query="describe the image.", max_new_tokens=12, logits_processor=no_eos_with_a_trigger_at(3, tok))
+    full = predictor.ask(**ask)
+    seen = []
+    streamed = predictor.ask(**ask, on_progress=lambda text, objects, n: seen.append((text, len(objects), n)))
+    assert (streamed.text, streamed.token_ids) == (full.text, full.token_ids) and full.truncated
+    np.testing.assert_array_equal(streamed.objects[0].box, full.objects[0].box)
+    # One call per step: the token count grows, the object appears when it is grounded,
+    # and the last call holds the whole answer.
+    counts = [n for *_, n in seen]
+    query_tokens = len(full.token_ids) - counts[-1]
+    assert len(seen) == 12 and counts == sorted(set(counts))
+    assert [k for _, k, _ in seen][:3] == [0, 0, 0] and seen[-1][1] == 1 and seen[-1][0] == full.text
+
+    checks = []  # once before the answer starts, then before each token
+    cut = predictor.ask(**ask, stop=lambda: checks.append(1) or len(checks) > 3)
+    assert cut.cancelled and not cut.truncated and len(checks) == 4
+    assert len(cut.token_ids) - query_tokens == counts[1] and cut.token_ids == full.token_ids[:len(cut.token_ids)]
+    assert cut.text == seen[1][0]
+    assert all(o.mask is None for o in cut.objects)
+
+    before = predictor.ask("where is the red cube?", mode="ground", stop=lambda: True)
+    assert before.cancelled and before.objects == [] and before.text == ""
+    # The cache is back at the prefix: the next answer is the uncancelled one.
+    assert predictor.ask(**ask).token_ids == full.token_ids
+
+
+@pytest.mark.parametrize("mode", ["ground", "generate"])
+def test_case_spacing_and_a_closing_mark_do_not_change_the_answer(predictor, mode):
+    reference = predictor.ask("where is the red cube?", mode=mode, max_new_tokens=8)
+    for typed in ("WHERE IS THE RED CUBE", "Where is the red cube?", "  where  is the RED cube  "):
+        answer = predictor.ask(typed, mode=mode, max_new_tokens=8)
+        assert (answer.text, answer.token_ids) == (reference.text, reference.token_ids), typed
+        np.testing.assert_array_equal(answer.location_boxes, reference.location_boxes)

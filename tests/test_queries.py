@@ -2,7 +2,7 @@
 
 import pytest
 
-from nextchat_ros.queries import is_instruction, phrase_from_answer, phrase_from_query, read_query
+from nextchat_ros.queries import is_instruction, normalize_query, phrase_from_answer, phrase_from_query, read_query
 
 
 @pytest.mark.parametrize("text,mode,instruction", [
@@ -42,3 +42,20 @@ def test_the_phrase_before_a_trigger_in_an_answer():
     assert phrase_from_answer("yes, there is the red cube") == "the red cube"
     assert phrase_from_answer("Answer: ") == ""
     assert phrase_from_answer("moving the cup next to the ball") == "the cup next to the ball"
+
+
+@pytest.mark.parametrize("typed,normalized", [
+    ("where is the red cube?", "where is the red cube?"),
+    ("WHERE IS THE RED CUBE", "where is the red cube?"),
+    ("  Where   is\tthe red  cube ?", "where is the red cube ?"),
+    ("Pick up the Mug", "pick up the mug."),
+    ("red cube", "red cube."),
+    ("Is there a BLUE ball", "is there a blue ball?"),
+    ("describe [0]", "describe [0]."),
+    ("what is <TRIGGER>?", "what is <trigger>?"),
+    ("wow!", "wow!"),
+    ("   ", ""),
+])
+def test_queries_are_normalized_before_the_model_reads_them(typed, normalized):
+    assert normalize_query(typed) == normalized
+    assert normalize_query(normalized) == normalized  # once is enough

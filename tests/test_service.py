@@ -165,3 +165,24 @@ def test_close_answers_what_is_still_queued(tiny_model, scene):
     time.sleep(0.1)
     assert sorted(o.request.query_id for o in got) == [f"q{i}" for i in range(6)]
     assert any(o.status == Status.INTERNAL_ERROR and "shutting down" in o.error for o in got)
+
+
+def test_a_streamed_request_reports_progress_and_can_be_cancelled(service, scene):
+    service.add_frame(Frame(image=scene.image, stamp_ns=1))
+    plain = collect(service, [Request("plain", "describe the image.", mode="generate")])["plain"][0]
+    seen = []
+    streamed = Request("streamed", "describe the image.", mode="generate",
+                       progress=lambda text, objects, n: seen.append((text, n)))
+    out = collect(service, [streamed])["streamed"][0]
+    assert out.status == Status.OK and out.text == plain.text and seen and seen[-1][0] == plain.text
+
+    seen.clear()
+    cut = Request("cut", "describe the image.", mode="generate", progress=lambda text, objects, n: seen.append(text),
+                  cancelled=lambda: len(seen) >= 1)
+    out = collect(service, [cut])["cut"][0]
+    assert out.status == Status.CANCELLED and "while it was being answered" in out.error
+    assert len(seen) == 1 and out.text == seen[0] and all(o.mask is None for o in out.objects)
+
+    early = collect(service, [Request("early", "where is the cube?", cancelled=lambda: True)])["early"][0]
+    assert early.status == Status.CANCELLED and "before it was answered" in early.error
+    assert service.counts["cancelled"] == 2 and service.counts["errors"] == 0

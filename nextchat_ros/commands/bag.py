@@ -135,12 +135,19 @@ def _record(args) -> int:
 
 
 def _eval(args) -> int:
+    from ..bag.io import bag_info
+    from ..bag.topics import Topics
+
+    bag = Path(args.bag)
+    # From the bag's metadata, before anything loads a model: a wrong path or topic is
+    # refused at once.
+    Topics.detect(bag_info(bag), args.image_topic, args.query_topic)
+
     from .. import node_process
     from ..bag.replay import replay_live, replay_offline, start_node
     from ..bag.report import write_report
     from .ground import predictor_from_args
 
-    bag = Path(args.bag)
     out = Path(args.out) if args.out else bag.with_name(bag.name + "_eval")
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.json

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..backends import BACKENDS, PRECISIONS
 from ..errors import QueryError
+from ..options import BACKENDS, DEFAULT_MAX_NEW_TOKENS, PRECISIONS
 
 HELP = "answer one query about an image: text, boxes and masks"
 DESCRIPTION = """\
@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a user region in pixels, referred to as [k] in the query (repeatable)")
     parser.add_argument("--mode", choices=["generate", "ground"], default="generate",
                         help="generate: free answer (default); ground: one box for the query, one forward")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")

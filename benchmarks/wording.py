@@ -1,0 +1,72 @@
+"""Does the way a question is typed change the answer? REC Acc@0.5 of the same
+held-out referring questions written several ways, and how often each way gives
+the same box as the template wording.
+
+    .venv/bin/python benchmarks/wording.py [--model DIR] [--num-samples 300] [--json out.json]
+
+The questions are the synthetic held-out split's REC questions (the template
+wording, e.g. "where is the red cube?"); each variant rewrites only their case,
+spacing or punctuation, so a model that reads text the way a person means it
+scores the same on all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from tqdm import tqdm
+
+from nextchat_ros.predictor import load_predictor
+from nextchat_ros.queries import read_query
+from nextchat_ros.scoring import box_iou
+from nextchat_ros.synthetic.samples import SyntheticTabletop
+
+VARIANTS = {
+    "template": lambda q: q,
+    "UPPER CASE": lambda q: q.upper(),
+    "Capitalised": lambda q: q[:1].upper() + q[1:],
+    "no final mark": lambda q: q.rstrip("?.!"),
+    "UPPER, no final mark": lambda q: q.upper().rstrip("?.!"),
+    "extra spaces": lambda q: "  " + "   ".join(q.split()) + "  ",
+}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    parser.add_argument("--num-samples", type=int, default=300, help="REC questions (default 300)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    predictor = load_predictor(args.model)
+    stream = SyntheticTabletop("heldout", {"rec": 1.0}, height=240, width=320)
+    hits = {name: [] for name in VARIANTS}
+    same = {name: [] for name in VARIANTS}
+    for index in tqdm(range(args.num_samples), desc="wording", unit="question"):
+        scene, sample = stream.item(index)
+        predictor.set_image(scene.image)
+        truth = sample.answer_objects[0].box
+        boxes = {}
+        for name, rewrite in VARIANTS.items():
+            question = rewrite(sample.question)
+            answer = predictor.ask(question, mode=read_query(question).mode)
+            box = answer.objects[0].box if answer.objects else None
+            boxes[name] = box
+            hits[name].append(box is not None and box_iou(box, truth) >= 0.5)
+        for name, box in boxes.items():
+            reference = boxes["template"]
+            same[name].append(box is not None and reference is not None and np.allclose(box, reference, atol=1e-3))
+    figures = {name: {"rec_acc@0.5": float(np.mean(hits[name])), "same_box_as_template": float(np.mean(same[name]))}
+               for name in VARIANTS}
+    print(f"{'wording':<24}{'REC Acc@0.5':>12}{'same box':>10}   ({args.num_samples} held-out questions)")
+    for name, f in figures.items():
+        print(f"{name:<24}{f['rec_acc@0.5']:>12.3f}{f['same_box_as_template']:>10.3f}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"num_samples": args.num_samples, "variants": figures}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
