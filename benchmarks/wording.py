@@ -2,7 +2,7 @@
 held-out referring questions written several ways, and how often each way gives
 the same box as the template wording.
 
-    .venv/bin/python benchmarks/wording.py [--model DIR] [--num-samples 300] [--json out.json]
+    .venv/bin/python benchmarks/wording.py [--model DIR] [model options: --help] [--num-samples 300] [--json out.json]
 
 The questions are the synthetic held-out split's REC questions (the template
 wording, e.g. "where is the red cube?"); each variant rewrites only their case,
@@ -12,13 +12,13 @@ scores the same on all of them.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
+from common import model_parser
 from tqdm import tqdm
 
-from nextchat_ros.predictor import load_predictor
+from nextchat_ros.commands.ground import predictor_from_args
 from nextchat_ros.queries import read_query
 from nextchat_ros.scoring import box_iou
 from nextchat_ros.synthetic.samples import SyntheticTabletop
@@ -34,13 +34,11 @@ VARIANTS = {
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    parser = model_parser(__doc__)
     parser.add_argument("--num-samples", type=int, default=300, help="REC questions (default 300)")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
-    predictor = load_predictor(args.model)
+    predictor = predictor_from_args(args)
     stream = SyntheticTabletop("heldout", {"rec": 1.0}, height=240, width=320)
     hits = {name: [] for name in VARIANTS}
     same = {name: [] for name in VARIANTS}
