@@ -77,12 +77,15 @@ def test_ground_errors_are_one_clear_line(saved_tiny, scene, tmp_path):
 def test_evaluate_one_task_on_its_own_questions(saved_tiny):
     from nextchat_ros.synthetic.samples import TASKS
 
-    helped, out, refused = nextchat_each(
+    helped, out, raycast, refused = nextchat_each(
         ["evaluate", "--help"],  # the choices a user is offered: every task the data makes
         ["evaluate", "--model", saved_tiny, "--task", "pope", "--num-samples", 5, "--json"],
+        ["evaluate", "--model", saved_tiny, "--dataset", "raycast", "--task", "rec", "--num-samples", 3, "--json"],
         ["evaluate", "--model", saved_tiny, "--task", "juggling"])
     assert helped.returncode == 0 and "{" + ",".join(TASKS) + "}" in helped.stdout, helped.stdout
     assert out.returncode == 0, out.stderr
     metrics = json.loads(out.stdout)
     assert metrics["task_counts"] == {"pope": 5} and 0.0 <= metrics["pope_accuracy"] <= 1.0
+    assert raycast.returncode == 0, raycast.stderr
+    assert json.loads(raycast.stdout)["task_counts"] == {"rec": 3} and "raycast" in helped.stdout
     assert refused.returncode != 0 and "invalid choice" in refused.stderr

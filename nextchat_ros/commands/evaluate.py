@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..synthetic.samples import TASKS
+from ..synthetic.samples import RENDERERS, TASKS
 
 HELP = "evaluate a model on held-out synthetic scenes (REC, masks, POPE, captions, ...)"
 DESCRIPTION = """\
@@ -20,9 +20,15 @@ The default mix (REC 3 : POPE 2 : region captions 2 : each other task 1) gives
 each task a share of --num-samples; --task asks every sample of one task, for a
 figure on that many questions of its own.
 
+--dataset raycast draws the same kinds, colours and sizes with a ray caster
+(perspective, shaded solids, cast shadows, textures, camera effects) that shares
+no code with the project's 2D renderer and that no training run uses: held-out
+drawings, not only held-out seeds. Report both.
+
 examples:
   nextchat evaluate --model nextchat_ros/assets/models/tiny --num-samples 1000 --json
   nextchat evaluate --task pope --num-samples 1000
+  nextchat evaluate --dataset raycast --task rec --num-samples 1000
 """
 
 
@@ -31,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)
     parser.add_argument("--split", choices=["heldout", "test"], default="heldout")
+    parser.add_argument("--dataset", choices=list(RENDERERS), default="tabletop",
+                        help="tabletop: the project's renderer (default); raycast: the held-out ray-cast renderer")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--task", choices=TASKS, help="every sample of this task (default: the mix of all tasks)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -42,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = {args.task: 1.0} if args.task else None
     metrics = evaluate(predictor_from_args(args), args.split, args.num_samples, task_weights=tasks,
-                       progress=not args.json)
+                       progress=not args.json, renderer=args.dataset)
     if args.json:
         json.dump(metrics, sys.stdout, indent=2)
         print()

@@ -35,12 +35,15 @@ def ask(predictor: NextChatPredictor, question: str, regions=None):
 
 
 def evaluate(predictor: NextChatPredictor, split: str = "heldout", num_samples: int = 1000, task_weights=None,
-             height: int = 240, width: int = 320, progress: bool = True, start: int = 0) -> dict:
+             height: int = 240, width: int = 320, progress: bool = True, start: int = 0,
+             renderer: str = "tabletop") -> dict:
     """The metrics of ``predictor`` (``NextChatPredictor(model)`` for a model in memory)
-    on ``num_samples`` synthetic samples of ``split``."""
-    stream = SyntheticTabletop(split, task_weights or EVAL_TASK_WEIGHTS, height=height, width=width)
+    on ``num_samples`` synthetic samples of ``split``, drawn by ``renderer``
+    (``samples.RENDERERS``: the project's ``tabletop`` or the held-out ``raycast``)."""
+    stream = SyntheticTabletop(split, task_weights or EVAL_TASK_WEIGHTS, height=height, width=width,
+                               renderer=renderer)
     board = Scoreboard()
-    for index in tqdm(range(start, start + num_samples), desc=f"evaluate {split}", disable=not progress,
+    for index in tqdm(range(start, start + num_samples), desc=f"evaluate {renderer} {split}", disable=not progress,
                       unit="sample"):
         scene, sample = stream.item(index)
         predictor.set_image(scene.image)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..scoring import NUMBERS
+from .raycast import render_raycast
 from .scenes import COLORS, KINDS, SIZES, Scene, SceneObject, render_scene
 
 # Every task of the synthetic tabletop data.
@@ -25,6 +26,10 @@ DEFAULT_TASK_WEIGHTS = {"rec": 4.0, "multi": 1.0, "region_caption": 2.0, "ground
 EVAL_TASK_WEIGHTS = {"rec": 3.0, "pope": 2.0, "region_caption": 2.0, "instruction": 1.0, "multi": 1.0,
                      "grounded_caption": 1.0, "count": 1.0, "color_vqa": 1.0}
 SPLIT_SEED = {"train": 0, "heldout": 1_000_000_000, "test": 2_000_000_000}
+# How scenes are drawn: the project's 2D painter, or the ray caster kept for
+# measuring (held out: SyntheticTabletop never draws the training split with it).
+RENDERERS = {"tabletop": render_scene, "raycast": render_raycast}
+HELD_OUT_RENDERERS = ("raycast",)
 REC_QUESTIONS = ["where is the {ref}?", "find the {ref}.", "point to the {ref}.", "locate the {ref}.",
                  "show me the {ref}.", "which object is the {ref}?"]
 
@@ -264,10 +269,16 @@ class SyntheticTabletop:
     """
 
     def __init__(self, split: str = "train", task_weights: dict[str, float] | None = None,
-                 height: int = 240, width: int = 320, tasks: tuple[str, ...] | None = None):
+                 height: int = 240, width: int = 320, tasks: tuple[str, ...] | None = None,
+                 renderer: str = "tabletop"):
         if split not in SPLIT_SEED:
             raise ValueError(f"unknown split '{split}'; use one of {sorted(SPLIT_SEED)}")
+        if renderer not in RENDERERS:
+            raise ValueError(f"unknown renderer '{renderer}'; use one of {sorted(RENDERERS)}")
+        if renderer in HELD_OUT_RENDERERS and split == "train":
+            raise ValueError(f"the {renderer} renderer is held out: it draws evaluation splits only, never 'train'")
         self.split = split
+        self.render = RENDERERS[renderer]
         weights = dict(task_weights or DEFAULT_TASK_WEIGHTS)
         if tasks is not None:
             weights = {t: weights.get(t, 1.0) for t in tasks}
@@ -288,7 +299,7 @@ class SyntheticTabletop:
         the first is ``item(index)``'s sample."""
         seed = SPLIT_SEED[self.split] + index
         rng = np.random.default_rng([seed, 17])
-        scene = render_scene(seed, height=self.height, width=self.width)  # its own generator
+        scene = self.render(seed, height=self.height, width=self.width)  # its own generator
         samples = []
         for _ in range(count):
             first = int(rng.choice(len(self.tasks), p=self.probs))
