@@ -170,89 +170,10 @@ def _table(rng):
 def render_raycast(seed: int, height: int = 240, width: int = 320) -> Scene:
     """One ray-cast tabletop scene with exact visible masks."""
     rng = np.random.default_rng([seed, 2027])
-    # Camera: at cam_h above the table, looking at a point look_y ahead.
-    cam_h, look_y = rng.uniform(0.4, 0.75), rng.uniform(0.45, 0.7)
-    focal = width / (2 * np.tan(np.radians(rng.uniform(50, 68)) / 2))
-    forward = np.array([0.0, look_y, -cam_h])
-    forward /= np.linalg.norm(forward)
-    right = np.array([1.0, 0.0, 0.0])
-    up = np.cross(right, forward)
-    origin = np.array([0.0, 0.0, cam_h])
-    ys, xs = np.mgrid[0:height, 0:width]
-    xn = ((xs.ravel() + 0.5) - width / 2) / focal
-    yn = ((ys.ravel() + 0.5) - height / 2) / focal
-    d = forward[None] + xn[:, None] * right[None] - yn[:, None] * up[None]
-    d /= np.linalg.norm(d, axis=1, keepdims=True)
-
-    # Objects on the table around the look point, apart from each other.
-    solids, specs = [], []
-    for _ in range(int(rng.integers(2, 6))):
-        kind = str(rng.choice(KINDS))
-        color = str(rng.choice(list(COLORS)))
-        size = str(rng.choice(list(SIZES)))
-        radius = BASE_RADIUS * SIZES[size]
-        for _ in range(40):
-            x, y = rng.uniform(-0.22, 0.22), look_y + rng.uniform(-0.18, 0.22)
-            if all((x - s.x) ** 2 + (y - s.y) ** 2 > (1.25 * (radius + s.r)) ** 2 for s in solids):
-                break
-        else:
-            continue
-        solids.append(Solid(kind, x, y, radius, rng.uniform(0, 2 * np.pi), _shade_of(color, rng)))
-        specs.append((kind, color, size))
-
-    # Light from one side, above.
-    azimuth, elevation = rng.uniform(0, 2 * np.pi), np.radians(rng.uniform(30, 65))
-    light = np.array([np.cos(azimuth) * np.cos(elevation), np.sin(azimuth) * np.cos(elevation), np.sin(elevation)])
-    ambient, strength = rng.uniform(0.25, 0.45), rng.uniform(0.7, 1.0)
-
-    n = len(d)
-    t_best, ids = np.full(n, INF), np.full(n, -1)
-    normal, colour = np.zeros((n, 3)), np.zeros((n, 3))
-    full_masks = []
-    for k, solid in enumerate(solids):
-        t, nn, cc = solid.intersect(origin, d)
-        full_masks.append(np.isfinite(t).reshape(height, width))
-        nearer = t < t_best
-        t_best[nearer], ids[nearer] = t[nearer], k
-        normal[nearer], colour[nearer] = nn[nearer], cc[nearer]
-
-    # The table (z = 0) where no object is hit, a wall beyond its far edge.
-    texture, style = _table(rng)
-    with np.errstate(divide="ignore"):
-        t_table = np.where(d[:, 2] < 0, -origin[2] / d[:, 2], INF)
-    far_edge = look_y + rng.uniform(0.45, 0.8)
-    hit_table = (ids < 0) & np.isfinite(t_table) & (origin[1] + t_table * d[:, 1] < far_edge)
-    p_table = origin + t_table[:, None] * d
-    colour[hit_table] = texture(p_table[hit_table, 0], p_table[hit_table, 1])
-    normal[hit_table] = (0.0, 0.0, 1.0)
-    t_best[hit_table] = t_table[hit_table]
-    wall = (ids < 0) & ~hit_table
-    wall_rgb = rng.uniform(0.4, 0.85, 3)
-    colour[wall] = wall_rgb * (0.8 + 0.2 * (1 - yn[wall] / max(1e-6, np.abs(yn).max())))[:, None]
-
-    # Shadows: the object and table points that an object hides from the light.
-    lit = ~wall
-    points = origin + np.where(np.isfinite(t_best), t_best, 0)[:, None] * d + normal * 1e-4
-    shadow = np.zeros(n, bool)
-    rays = np.broadcast_to(light, (int(lit.sum()), 3))
-    for solid in solids:
-        t, _, _ = solid.intersect(points[lit], rays)
-        shadow[np.flatnonzero(lit)[np.isfinite(t)]] = True
-    diffuse = np.clip((normal * light).sum(-1), 0, 1) * np.where(shadow, 0.15, 1.0)
-    half = light[None] - d
-    half /= np.linalg.norm(half, axis=1, keepdims=True)
-    specular = np.where((ids >= 0) & ~shadow, np.clip((normal * half).sum(-1), 0, 1) ** 40 * 0.35, 0)
-    shaded = np.where(wall[:, None], colour, colour * (ambient + strength * diffuse)[:, None] + specular[:, None])
-
-    # The camera: white balance, blur, noise, JPEG.
-    image = shaded.reshape(height, width, 3) * rng.uniform(0.9, 1.1, 3) * 255
-    pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-    pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.0)))
-    image = np.asarray(pil).astype(np.float32) + rng.normal(0, rng.uniform(1, 7), (height, width, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=int(rng.integers(45, 92)))
-    image = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-
+    origin, d, yn, forward, focal, look_y = _camera_rays(rng, height, width)
+    solids, specs = _place_solids(rng, look_y)
+    shaded, t_best, ids, full_masks, style = _shade(rng, origin, d, yn, look_y, solids, height, width)
+    image = _camera_effects(rng, shaded.reshape(height, width, 3))
     # Depth along the optical axis; objects with their exact visible masks.
     depth = (np.where(np.isfinite(t_best), t_best, 0) * (d @ forward)).reshape(height, width).astype(np.float32)
     id_map = ids.reshape(height, width)
@@ -268,3 +189,98 @@ def render_raycast(seed: int, height: int = 240, width: int = 320) -> Scene:
     camera = {"fx": focal, "fy": focal, "cx": width / 2, "cy": height / 2}
     return Scene(seed=seed, image=image, objects=objects, depth=depth, background=f"raycast:{style}",
                  camera=camera, hidden=hidden)
+
+
+def _camera_rays(rng, height: int, width: int):
+    """A camera cam_h above the table, looking at a point look_y ahead: one unit ray
+    per pixel centre. (origin, rays (H*W, 3), each ray's normalised image row offset,
+    forward axis, focal length, look_y)"""
+    cam_h, look_y = rng.uniform(0.4, 0.75), rng.uniform(0.45, 0.7)
+    focal = width / (2 * np.tan(np.radians(rng.uniform(50, 68)) / 2))
+    forward = np.array([0.0, look_y, -cam_h])
+    forward /= np.linalg.norm(forward)
+    right = np.array([1.0, 0.0, 0.0])
+    up = np.cross(right, forward)
+    ys, xs = np.mgrid[0:height, 0:width]
+    xn = ((xs.ravel() + 0.5) - width / 2) / focal
+    yn = ((ys.ravel() + 0.5) - height / 2) / focal
+    d = forward[None] + xn[:, None] * right[None] - yn[:, None] * up[None]
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return np.array([0.0, 0.0, cam_h]), d, yn, forward, focal, look_y
+
+
+def _place_solids(rng, look_y: float):
+    """Two to five objects on the table around the look point, apart from each other."""
+    solids, specs = [], []
+    for _ in range(int(rng.integers(2, 6))):
+        kind = str(rng.choice(KINDS))
+        color = str(rng.choice(list(COLORS)))
+        size = str(rng.choice(list(SIZES)))
+        radius = BASE_RADIUS * SIZES[size]
+        for _ in range(40):
+            x, y = rng.uniform(-0.22, 0.22), look_y + rng.uniform(-0.18, 0.22)
+            if all((x - s.x) ** 2 + (y - s.y) ** 2 > (1.25 * (radius + s.r)) ** 2 for s in solids):
+                break
+        else:
+            continue
+        solids.append(Solid(kind, x, y, radius, rng.uniform(0, 2 * np.pi), _shade_of(color, rng)))
+        specs.append((kind, color, size))
+    return solids, specs
+
+
+def _shade(rng, origin, d, yn, look_y, solids, height, width):
+    """Every ray's colour in [0, 1] under a light from one side, with cast shadows;
+    also the hit distance, the object id (-1: table or wall), each object's whole
+    mask and the table's style."""
+    azimuth, elevation = rng.uniform(0, 2 * np.pi), np.radians(rng.uniform(30, 65))
+    light = np.array([np.cos(azimuth) * np.cos(elevation), np.sin(azimuth) * np.cos(elevation), np.sin(elevation)])
+    ambient, strength = rng.uniform(0.25, 0.45), rng.uniform(0.7, 1.0)
+    n = len(d)
+    t_best, ids = np.full(n, INF), np.full(n, -1)
+    normal, colour = np.zeros((n, 3)), np.zeros((n, 3))
+    full_masks = []
+    for k, solid in enumerate(solids):
+        t, nn, cc = solid.intersect(origin, d)
+        full_masks.append(np.isfinite(t).reshape(height, width))
+        nearer = t < t_best
+        t_best[nearer], ids[nearer] = t[nearer], k
+        normal[nearer], colour[nearer] = nn[nearer], cc[nearer]
+    # The table (z = 0) where no object is hit, a wall beyond its far edge.
+    texture, style = _table(rng)
+    with np.errstate(divide="ignore"):
+        t_table = np.where(d[:, 2] < 0, -origin[2] / d[:, 2], INF)
+    far_edge = look_y + rng.uniform(0.45, 0.8)
+    hit_table = (ids < 0) & np.isfinite(t_table) & (origin[1] + t_table * d[:, 1] < far_edge)
+    p_table = origin + t_table[:, None] * d
+    colour[hit_table] = texture(p_table[hit_table, 0], p_table[hit_table, 1])
+    normal[hit_table] = (0.0, 0.0, 1.0)
+    t_best[hit_table] = t_table[hit_table]
+    wall = (ids < 0) & ~hit_table
+    wall_rgb = rng.uniform(0.4, 0.85, 3)
+    colour[wall] = wall_rgb * (0.8 + 0.2 * (1 - yn[wall] / max(1e-6, np.abs(yn).max())))[:, None]
+    # Shadows: the object and table points that an object hides from the light.
+    lit = ~wall
+    points = origin + np.where(np.isfinite(t_best), t_best, 0)[:, None] * d + normal * 1e-4
+    shadow = np.zeros(n, bool)
+    rays = np.broadcast_to(light, (int(lit.sum()), 3))
+    for solid in solids:
+        t, _, _ = solid.intersect(points[lit], rays)
+        shadow[np.flatnonzero(lit)[np.isfinite(t)]] = True
+    diffuse = np.clip((normal * light).sum(-1), 0, 1) * np.where(shadow, 0.15, 1.0)
+    half = light[None] - d
+    half /= np.linalg.norm(half, axis=1, keepdims=True)
+    specular = np.where((ids >= 0) & ~shadow, np.clip((normal * half).sum(-1), 0, 1) ** 40 * 0.35, 0)
+    shaded = np.where(wall[:, None], colour, colour * (ambient + strength * diffuse)[:, None] + specular[:, None])
+    return shaded, t_best, ids, full_masks, style
+
+
+def _camera_effects(rng, shaded: np.ndarray) -> np.ndarray:
+    """White balance, blur, sensor noise and JPEG, as a cheap camera adds them."""
+    height, width = shaded.shape[:2]
+    image = shaded * rng.uniform(0.9, 1.1, 3) * 255
+    pil = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.0)))
+    image = np.asarray(pil).astype(np.float32) + rng.normal(0, rng.uniform(1, 7), (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=int(rng.integers(45, 92)))
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
