@@ -31,8 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nextchat_ros.commands.ground import add_model_arguments, predictor_from_args
-from nextchat_ros.scoring import Prediction, Scoreboard
-from nextchat_ros.synthetic.evaluate import ask, sample_truth
+from nextchat_ros.synthetic.evaluate import score_samples
 from nextchat_ros.synthetic.raycast import render_raycast
 from nextchat_ros.synthetic.samples import SyntheticTabletop, make_sample
 from nextchat_ros.synthetic.scenes import Scene
@@ -49,15 +48,6 @@ def contact_sheet(scenes: list[Scene], path: Path, columns: int = 4) -> None:
         sheet.paste(Image.fromarray(scene.image), ((k % columns) * w, (k // columns) * h))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
-
-
-def score(predictor, scenes_and_samples, desc: str) -> dict:
-    board = Scoreboard()
-    for scene, sample in tqdm(scenes_and_samples, desc=desc, unit="question"):
-        predictor.set_image(scene.image)
-        answer = ask(predictor, sample.question, sample.regions)
-        board.add(sample_truth(sample), Prediction(answer.text, answer.objects))
-    return board.summary()
 
 
 def questions(scenes, rng) -> list:
@@ -82,9 +72,9 @@ def main(argv=None) -> None:
     contact_sheet(raycast[:12], args.out / "raycast_scenes.png")
     stream = SyntheticTabletop("heldout")
     own = [stream.scene_samples(k, 1)[0] for k in range(args.num_scenes)]
-    figures = {"raycast (unseen)": score(predictor, questions(raycast, np.random.default_rng(1)), "raycast"),
-               "project's renderer (held-out seeds)": score(predictor, questions(own, np.random.default_rng(1)),
-                                                             "project")}
+    figures = {"raycast (unseen)": score_samples(predictor, questions(raycast, np.random.default_rng(1)), "raycast"),
+               "project's renderer (held-out seeds)": score_samples(
+                   predictor, questions(own, np.random.default_rng(1)), "project")}
     keys = [k for k in next(iter(figures.values())) if isinstance(next(iter(figures.values()))[k], float)
             and k.split("_")[0] in ("rec", "mask", "pope", "region")]
     names = list(figures)

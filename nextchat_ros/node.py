@@ -414,8 +414,7 @@ class _Serving:
 
     async def _on_ask(self, goal):
         def progress(text, objects, tokens) -> None:  # on the worker thread, after each token
-            header = frame_header(None, self.get_clock().now().to_msg())
-            goal.publish_feedback(Ask.Feedback(answer=text, objects=[object_msg(o, header, False) for o in objects],
+            goal.publish_feedback(Ask.Feedback(answer=text, objects=[object_msg(o, None) for o in objects],
                                                tokens=tokens))
 
         result = await self._outcome_of(goal.request.query, goal.request.image, progress,

@@ -34,11 +34,13 @@ def frame_header(frame, now) -> Header:
     return header
 
 
-def object_msg(obj: GroundedObject, header: Header, with_mask: bool) -> GroundedObjectMsg:
+def object_msg(obj: GroundedObject, mask_header: Header | None) -> GroundedObjectMsg:
+    """The message of one object; its mask (stamped with ``mask_header``) only when a
+    header is given."""
     item = GroundedObjectMsg(phrase=obj.phrase, score=float(obj.score), mask_score=float(obj.mask_score))
     item.center_x, item.center_y, item.size_x, item.size_y = xyxy_to_center_size(obj.box)
-    if with_mask and obj.mask is not None:
-        fill_image_msg(item.mask, obj.mask.astype(np.uint8) * 255, "mono8", header)
+    if mask_header is not None and obj.mask is not None:
+        fill_image_msg(item.mask, obj.mask.astype(np.uint8) * 255, "mono8", mask_header)
     if obj.position is not None:
         item.has_position = True
         item.position.x, item.position.y, item.position.z = obj.position
@@ -53,7 +55,7 @@ def result_msg(outcome, header: Header, with_masks: bool = True) -> GroundingRes
     timings = outcome.timings_ms
     for name in ("queue_ms", "image_encode_ms", "llm_ms", "mask_ms", "total_ms"):
         setattr(result, name, float(timings.get(name, 0.0)))
-    result.objects = [object_msg(o, header, with_masks) for o in outcome.objects]
+    result.objects = [object_msg(o, header if with_masks else None) for o in outcome.objects]
     return result
 
 

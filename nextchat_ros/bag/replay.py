@@ -126,11 +126,13 @@ class _Collector:
 # --- offline ---------------------------------------------------------------------------
 
 def replay_offline(bag: str | Path, predictor, *, image_topic: str | None = None, query_topic: str | None = None,
-                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True) -> ReplayResult:
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True,
+                   info: BagInfo | None = None) -> ReplayResult:
     """Score the bag's queries straight through the predictor (no ROS, no timing),
-    asked as the node asks them (the service's auto mode)."""
+    asked as the node asks them (the service's auto mode). ``info``: the bag's
+    ``bag_info`` when the caller has read it already (a damaged bag is scanned whole)."""
 
-    info = bag_info(bag)
+    info = info or bag_info(bag)
     topics = Topics.detect(info, image_topic, query_topic)
     collector = _Collector(topics)
     service = GroundingService(predictor, max_image_age=float("inf"), frame_buffer=64, queue_size=1,
@@ -279,14 +281,14 @@ class _LiveReplay:
 def replay_live(bag: str | Path, namespace: str, *, rate: float = 1.0, image_topic: str | None = None,
                 query_topic: str | None = None, output_bag: str | Path | None = None, wait_s: float = 60.0,
                 ready_timeout: float = 120.0, node_process: subprocess.Popen | None = None,
-                progress: bool = True) -> ReplayResult:
+                progress: bool = True, info: BagInfo | None = None) -> ReplayResult:
     """Publish the bag into the node under ``namespace`` with its recorded timing
-    (scaled by ``rate``) and collect its results."""
+    (scaled by ``rate``) and collect its results. ``info``: as for replay_offline."""
     from ..srv import Ground
 
     if rate <= 0:
         raise BagError("--rate must be positive")
-    info = bag_info(bag)
+    info = info or bag_info(bag)
     topics = Topics.detect(info, image_topic, query_topic)
     replay = _LiveReplay(info, topics, namespace.rstrip("/"), output_bag)
     error = ""

@@ -141,7 +141,8 @@ def _eval(args) -> int:
     bag = Path(args.bag)
     # From the bag's metadata, before anything loads a model: a wrong path or topic is
     # refused at once.
-    Topics.detect(bag_info(bag), args.image_topic, args.query_topic)
+    info = bag_info(bag)
+    Topics.detect(info, args.image_topic, args.query_topic)
 
     from .. import node_process
     from ..bag.replay import replay_live, replay_offline, start_node
@@ -165,13 +166,13 @@ def _eval(args) -> int:
         try:
             runs["live"] = replay_live(bag, namespace, rate=args.rate, image_topic=args.image_topic,
                                        query_topic=args.query_topic, output_bag=output_bag, wait_s=args.wait,
-                                       node_process=process, progress=progress)
+                                       node_process=process, progress=progress, info=info)
         finally:
             if process is not None:
                 node_process.stop_node(process, timeout=15)
     if args.offline or args.compare:
         runs["offline"] = replay_offline(bag, predictor_from_args(args), image_topic=args.image_topic,
-                                         query_topic=args.query_topic, progress=progress)
+                                         query_topic=args.query_topic, progress=progress, info=info)
     metrics = write_report(out, runs, examples=args.examples)
     if args.json:
         json.dump(metrics, sys.stdout, indent=2)

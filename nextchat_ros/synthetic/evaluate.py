@@ -42,11 +42,21 @@ def evaluate(predictor: NextChatPredictor, split: str = "heldout", num_samples: 
     (``samples.RENDERERS``: the project's ``tabletop`` or the held-out ``raycast``)."""
     stream = SyntheticTabletop(split, task_weights or EVAL_TASK_WEIGHTS, height=height, width=width,
                                renderer=renderer)
+    items = (stream.item(index) for index in range(start, start + num_samples))
+    return score_samples(predictor, items, desc=f"evaluate {renderer} {split}", progress=progress,
+                         total=num_samples)
+
+
+def score_samples(predictor: NextChatPredictor, items, desc: str = "evaluate", progress: bool = True,
+                  total: int | None = None) -> dict:
+    """The metrics of the answers to (scene, sample) ``items``, each asked as the node
+    asks it; consecutive samples about one scene share its encoding."""
     board = Scoreboard()
-    for index in tqdm(range(start, start + num_samples), desc=f"evaluate {renderer} {split}", disable=not progress,
-                      unit="sample"):
-        scene, sample = stream.item(index)
-        predictor.set_image(scene.image)
+    encoded = None
+    for scene, sample in tqdm(items, desc=desc, total=total, disable=not progress, unit="sample"):
+        if scene is not encoded:
+            predictor.set_image(scene.image)
+            encoded = scene
         answer = ask(predictor, sample.question, sample.regions)
         board.add(sample_truth(sample), Prediction(answer.text, answer.objects))
     return board.summary()
