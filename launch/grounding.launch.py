@@ -6,7 +6,7 @@
     ros2 launch nextchat_ros grounding.launch.py params_file:=my_params.yaml
 
 Parameters: the params file first (default: the package's config/grounding.yaml),
-then each of model_dir, backend, export_dir, precision and device that is given on
+then each of model_dir, backend, export_dir, precision, llm_precision and device given on
 the command line. A launch argument left at its default ('') leaves the value to the
 params file, so a file's model_dir or device is never overwritten by a default.
 
@@ -47,6 +47,7 @@ PARAMETER_ARGUMENTS = {
     "backend": "torch | onnxruntime | tensorrt (default: the params file's)",
     "export_dir": "`nextchat export` output (default: the params file's; '' there = model_dir/export)",
     "precision": "exported graphs to run: fp32 | fp16 (default: the params file's)",
+    "llm_precision": "the LLM's weights: auto | fp32 | bf16 | int8 | int4 (default: the params file's)",
     "device": "torch device, e.g. cpu or cuda:0 (default: the params file's)",
 }
 NO_PROFILE = "none"

@@ -13,3 +13,17 @@ from pkgutil import extend_path
 __path__ = extend_path(__path__, __name__)
 
 __version__ = "0.1.0"
+
+
+def _quiet_torchao_import() -> None:
+    """transformers imports torchao wherever it is installed (our int8 / int4 LLM),
+    and torchao 0.18 on torch 2.14 logs one deprecation line per enum it registers,
+    in every process that loads a model. The line is about torch.compile internals,
+    not about anything a user does; only that message is dropped."""
+    import logging
+
+    logging.getLogger("torch.utils._pytree").addFilter(
+        lambda record: "is an Enum subclass and is now natively supported" not in str(record.msg))
+
+
+_quiet_torchao_import()

@@ -51,7 +51,7 @@ from .action import Ask
 from .errors import ImageError, NextChatError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .msg import GroundingResult, Query
-from .options import BACKENDS, DEFAULT_MAX_NEW_TOKENS, PRECISIONS
+from .options import BACKENDS, DEFAULT_MAX_NEW_TOKENS, LLM_PRECISIONS, PRECISIONS
 from .overlay import draw_overlay
 from .predictor import load_predictor
 from .ros_images import (
@@ -87,6 +87,8 @@ class NodeParameters:
     precision: str = ""
     # A TensorRT engine built for another TensorRT / GPU / model is rebuilt from its ONNX graph.
     rebuild_engines: bool = False
+    # The LLM's weights: auto (the model's dtype) | fp32 | bf16 | int8 | int4 (weight-only).
+    llm_precision: str = "auto"
     device: str = "cpu"
     max_image_age: float = 2.0
     frame_buffer: int = 8
@@ -107,6 +109,8 @@ class NodeParameters:
             raise ValueError(f"parameter backend='{self.backend}' must be one of {BACKENDS}")
         if self.precision and self.precision not in PRECISIONS:
             raise ValueError(f"parameter precision='{self.precision}' must be one of {PRECISIONS} (or empty)")
+        if self.llm_precision not in LLM_PRECISIONS:
+            raise ValueError(f"parameter llm_precision='{self.llm_precision}' must be one of {LLM_PRECISIONS}")
         if self.mode not in MODES:
             raise ValueError(f"parameter mode='{self.mode}' must be one of {MODES}")
         if self.image_qos not in IMAGE_QOS:
@@ -273,7 +277,7 @@ class _Serving:
         """Load the model and create every subscription, publisher, service and timer."""
         self.params = p
         predictor = load_predictor(p.model_dir, p.backend, p.export_dir, p.device, p.precision or None,
-                                   p.max_image_pixels, p.rebuild_engines)
+                                   p.max_image_pixels, p.rebuild_engines, p.llm_precision)
         if getattr(predictor.backend, "fallback_reason", None):
             self.get_logger().warning(f"backend '{p.backend}' unavailable ({predictor.backend.fallback_reason}); "
                                       f"running the vision and mask parts on {predictor.backend.name}")

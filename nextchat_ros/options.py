@@ -8,3 +8,8 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 # Longest answer, in tokens, unless a caller asks otherwise (the node's max_new_tokens too).
 DEFAULT_MAX_NEW_TOKENS = 48
+# How the predictor runs the LLM (engine/decoders.py): the static-cache engine, or
+# transformers' own forward over a DynamicCache (the reference it is checked against).
+DECODERS = ("engine", "eager")
+# The LLM's precision (engine/quantize.py); auto = the predictor's dtype.
+LLM_PRECISIONS = ("auto", "fp32", "bf16", "int8", "int4")

@@ -3,8 +3,11 @@
 In the spirit of segment-anything's ``SamPredictor``: :meth:`set_image` runs the
 vision tower, the SAM image encoder and the LLM over the system + image prefix,
 and keeps all three (the last as a KV cache). :meth:`ask` then pays only for its
-own tokens, the box heads and SAM's mask decoder. After each query the KV cache
-is cropped back to the prefix, so queries never see each other.
+own tokens, the box heads and SAM's mask decoder; :meth:`ask_batch` answers
+several queries about the frame in one pass. The LLM runs in a decoder
+(``engine.decoders``): the static-cache engine, where each query is written after
+the prefix by position, or transformers' eager forward, cropped back to the prefix
+after each query. Either way, queries never see each other.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from .backends import TorchBackend, load_backend
+from .engine.decoders import EagerDecoder, StaticDecoder
+from .engine.quantize import llm_dtype, quantize_linears
 from .errors import ImageError, ModelFileError, QueryError
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -30,7 +34,7 @@ from .images import (
     validate_regions,
 )
 from .model.nextchat import NextChatModel
-from .options import DEFAULT_MAX_NEW_TOKENS
+from .options import DECODERS, DEFAULT_MAX_NEW_TOKENS, LLM_PRECISIONS
 from .queries import MODES, normalize_query, phrase_from_answer, phrase_from_query
 from .records import GroundedObject
 
@@ -61,22 +65,52 @@ class _Frame:
     height: int
     width: int
     sam_embedding: torch.Tensor
-    cache: DynamicCache
-    prefix_len: int
     timings_ms: dict[str, float]
     image_embeds: torch.Tensor  # (1, N, D): what location tokens read their region from
+
+
+@dataclass
+class _Row:
+    """One query's generation state, a row of the batch."""
+
+    question: list[int]
+    region_boxes: torch.Tensor  # (R, 4) normalised
+    limit: int  # tokens it may pick
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    pieces: list[list[int]] = field(default_factory=lambda: [[]])
+    objects: list[GroundedObject] = field(default_factory=list)
+    hiddens: list[torch.Tensor] = field(default_factory=list)
+    loc_boxes: list[torch.Tensor] = field(default_factory=list)
+    picked: int = 0
+    last: int = -1  # the token picked this step
+    trigger_score: float | None = None  # set when the last pick was a trigger
+    location: torch.Tensor | None = None  # the location token's embedding, the next input
+    done: bool = False
+    truncated: bool = False
+    cancelled: bool = False
 
 
 class NextChatPredictor:
     def __init__(self, model: NextChatModel, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float32, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 backend=None):
+                 backend=None, decoder: str = "engine", llm_precision: str = "auto",
+                 cuda_graphs: bool | None = None, max_batch: int = 8):
         """``backend``: where the vision and mask parts run (``backends.load_backend``);
-        default torch. The LLM always runs in torch."""
+        default torch. The LLM always runs in torch, through ``decoder``
+        (``options.DECODERS``): ``engine``, the static-cache engine (queries batched,
+        its decode step captured as a CUDA graph where ``cuda_graphs``, default: on
+        CUDA), or ``eager``, transformers' forward over a DynamicCache (the reference).
+        ``llm_precision`` (``options.LLM_PRECISIONS``): the LLM's weights
+        (``engine.quantize``; the engine only)."""
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder '{decoder}' is not one of {DECODERS}")
         self.device = torch.device(device) if device is not None else model.device
         self.model = model.to(self.device, dtype).eval()
         self.backend = backend if backend is not None else TorchBackend(self.model)
         self.max_image_pixels = max_image_pixels
+        self.decoder = self._make_decoder(decoder, llm_precision, cuda_graphs, max_batch)
         self._frame: _Frame | None = None
         self._lock = threading.Lock()
         tok = model.tokenizer
@@ -89,6 +123,19 @@ class NextChatPredictor:
             banned[token_id] = True
         self._banned = banned.to(self.device)
 
+    def _make_decoder(self, decoder: str, precision: str, cuda_graphs: bool | None, max_batch: int):
+        llm = self.model.llm
+        dtype = llm_dtype(precision, self.model.dtype, self.device)
+        if decoder == "eager":
+            if (precision != "auto" and dtype != self.model.dtype) or precision in ("int8", "int4"):
+                raise ValueError("llm_precision applies to the engine; the eager decoder runs the model's dtype")
+            return EagerDecoder(llm)
+        llm.to(dtype)
+        engine = StaticDecoder(llm, llm.config.max_position_embeddings, max_rows=max_batch,
+                               cuda_graphs=self.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
+        quantize_linears([engine.llama.layers, llm.lm_head], precision, self.device)
+        return engine
+
     # --- frames -----------------------------------------------------------------------
     @property
     def is_image_set(self) -> bool:
@@ -99,8 +146,8 @@ class NextChatPredictor:
         """Encode an RGB uint8 image (H, W, 3). Returns stage timings in ms."""
         image = validate_image(image, self.max_image_pixels)
         model = self.model
-        timings = {}
         with self._lock:
+            self._frame = None  # the decoder's cache is rewritten below
             t0 = time.perf_counter()
             pixels = torch.from_numpy(image)
             vision_pixels = model.vision_tower.preprocess(pixels)[None].to(self.device, self.model.dtype)
@@ -110,18 +157,15 @@ class NextChatPredictor:
             sam_embedding = self.backend.sam_encoder(sam_pixels)
             t2 = time.perf_counter()
             prefix = torch.tensor([model.prompt.prefix()], device=self.device)
-            cache = DynamicCache(config=model.llm.config)
-            model.llm.model(inputs_embeds=model.embed(prefix, image_embeds), past_key_values=cache, use_cache=True)
+            self.decoder.set_prefix(model.embed(prefix, image_embeds))
             self._sync()
             t3 = time.perf_counter()
             timings = {"vision_ms": (t1 - t0) * 1e3, "sam_encoder_ms": (t2 - t1) * 1e3,
                        "prefix_ms": (t3 - t2) * 1e3, "set_image_ms": (t3 - t0) * 1e3}
-            self._frame = _Frame(image.shape[0], image.shape[1], sam_embedding, cache, prefix.shape[1], timings,
-                                 image_embeds)
+            self._frame = _Frame(image.shape[0], image.shape[1], sam_embedding, timings, image_embeds)
         return timings
 
     # --- queries ----------------------------------------------------------------------
-    @torch.inference_mode()
     def ask(self, query: str, regions=None, mode: str = "generate", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
             masks: bool = True, logits_processor: LogitsProcessor | None = None,
@@ -139,122 +183,221 @@ class NextChatPredictor:
         stop: checked before each token; when it returns True generation ends there and
         the answer comes back with ``cancelled`` set (no masks are computed for it).
         """
+        return self.ask_batch([(query, regions)], mode, max_new_tokens, temperature, top_p, seed, masks,
+                              logits_processor, on_progress, stop)[0]
+
+    @torch.inference_mode()
+    def ask_batch(self, queries, mode: str = "generate", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                  masks: bool = True, logits_processor: LogitsProcessor | None = None,
+                  on_progress: ProgressCallback | None = None,
+                  stop: Callable[[], bool] | None = None) -> list[Answer]:
+        """Several queries about the current image in one pass (``ask`` for the
+        arguments): ``queries`` are texts or (text, regions) pairs. The engine runs
+        them as one batch over the frame's cached prefix (up to its ``max_batch``;
+        the eager decoder one after another); each answer is the one ``ask`` gives
+        alone. Row k samples with ``seed + k``; ``on_progress`` and ``stop`` apply to
+        a batch of one."""
         if mode not in MODES:
             raise QueryError(f"unknown mode '{mode}'; use one of {MODES}")
         if not (temperature >= 0 and 0 < top_p <= 1):
             raise QueryError("temperature must be >= 0 and top_p in (0, 1]")
         if max_new_tokens < 1:
             raise QueryError("max_new_tokens must be at least 1")
-        query = normalize_query(query)
+        if len(queries) != 1 and (on_progress is not None or stop is not None):
+            raise QueryError("on_progress and stop apply to one query at a time")
+        specs = [(q, None) if isinstance(q, str) else tuple(q) for q in queries]
+        texts = [normalize_query(text) for text, _ in specs]
         with self._lock:
             frame = self._frame
             if frame is None:
                 raise ImageError("no image is set; call set_image() first")
-            region_px = validate_regions(regions, frame.height, frame.width)
-            question = self.model.prompt.question(query, len(region_px))
-            try:
-                t0 = time.perf_counter()
-                if stop is not None and stop():
-                    answer, hiddens = Answer(text="", objects=[], mode=mode, cancelled=True), []
-                elif mode == "ground":
-                    answer, hiddens = self._ground(frame, query, question, region_px)
-                    if on_progress is not None:
-                        on_progress(answer.text, list(answer.objects), 1)
-                else:
-                    generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-                    answer, hiddens = self._generate(frame, question, region_px, max_new_tokens, temperature, top_p,
-                                                     generator, logits_processor, on_progress, stop)
-                self._sync()
-                t1 = time.perf_counter()
-                if masks and answer.objects and not answer.cancelled:
-                    self._add_masks(frame, answer, hiddens)
-                self._sync()
-                t2 = time.perf_counter()
-            finally:
-                # Drop this query's tokens (transformers 5 crops by a negative count).
-                extra = frame.cache.get_seq_length() - frame.prefix_len
-                if extra > 0:
-                    frame.cache.crop(-extra)
-        answer.timings_ms = {"llm_ms": (t1 - t0) * 1e3, "mask_ms": (t2 - t1) * 1e3, "ask_ms": (t2 - t0) * 1e3}
-        return answer
+            regions = [validate_regions(r, frame.height, frame.width) for _, r in specs]
+            questions = [self.model.prompt.question(t, len(r)) for t, r in zip(texts, regions)]
+            answers = []
+            step = self.decoder.max_rows
+            for first in range(0, len(specs), step):
+                chunk = slice(first, first + step)
+                answers += self._answer_batch(frame, texts[chunk], questions[chunk], regions[chunk], mode,
+                                              max_new_tokens, temperature, top_p, seed, first, masks,
+                                              logits_processor, on_progress, stop)
+        return answers
+
+    def _answer_batch(self, frame, texts, questions, regions, mode, max_new_tokens, temperature, top_p, seed,
+                      first, masks, logits_processor, on_progress, stop) -> list[Answer]:
+        try:
+            t0 = time.perf_counter()
+            if stop is not None and stop():
+                answers = [Answer(text="", objects=[], mode=mode, cancelled=True)]
+                hiddens: list[list[torch.Tensor]] = [[]]
+            elif mode == "ground":
+                answers, hiddens = self._ground(frame, texts, questions, regions)
+                if on_progress is not None:
+                    on_progress(answers[0].text, list(answers[0].objects), 1)
+            else:
+                rows = [self._row(frame, q, r, max_new_tokens, seed, first + k, temperature)
+                        for k, (q, r) in enumerate(zip(questions, regions))]
+                answers, hiddens = self._generate(frame, rows, temperature, top_p, logits_processor,
+                                                  on_progress, stop)
+            self._sync()
+            t1 = time.perf_counter()
+            if masks:
+                self._add_masks(frame, [(a, h) for a, h in zip(answers, hiddens) if a.objects and not a.cancelled])
+            self._sync()
+            t2 = time.perf_counter()
+        finally:
+            self.decoder.end()
+        for answer in answers:
+            answer.timings_ms = {"llm_ms": (t1 - t0) * 1e3, "mask_ms": (t2 - t1) * 1e3, "ask_ms": (t2 - t0) * 1e3,
+                                 "batch": float(len(answers))}
+        return answers
 
     def _region_boxes(self, frame: _Frame, region_px: np.ndarray) -> torch.Tensor:
         normalized = pixels_to_normalized(region_px, frame.height, frame.width)
         return torch.as_tensor(normalized, dtype=self.model.dtype, device=self.device).view(-1, 4)
 
-    def _forward(self, frame: _Frame, ids: list[int], loc_boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """Run token ids (location slots filled from loc_boxes) on the cache; last-layer hidden states."""
+    def _embed_query(self, frame: _Frame, ids: list[int], region_boxes: torch.Tensor) -> torch.Tensor:
+        """Token ids with their location slots filled from the region boxes -> (Q, D)."""
         model = self.model
         ids_t = torch.tensor([ids], device=self.device)
-        loc_embeds = (model.location_embeddings(loc_boxes, frame.image_embeds)
-                      if loc_boxes is not None and len(loc_boxes) else None)
-        emb = model.embed(ids_t, loc_embeds=loc_embeds)
-        return self._forward_embeds(frame, emb)
+        loc_embeds = model.location_embeddings(region_boxes, frame.image_embeds) if len(region_boxes) else None
+        return model.embed(ids_t, loc_embeds=loc_embeds)[0]
 
-    def _forward_embeds(self, frame: _Frame, emb: torch.Tensor) -> torch.Tensor:
-        return self.model.llm.model(inputs_embeds=emb, past_key_values=frame.cache, use_cache=True).last_hidden_state
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.llm.lm_head(hidden)
 
-    def _ground(self, frame, query, question, region_px) -> tuple[Answer, list[torch.Tensor]]:
+    def _ground(self, frame, texts, questions, regions) -> tuple[list[Answer], list[list[torch.Tensor]]]:
+        """The grounding fast path: the fixed answer ``Answer: <trigger>`` after each
+        question, one prefill for the batch."""
         model, tok = self.model, self.model.tokenizer
-        ids = question.ids + model.prompt.grounding_answer()
-        region_boxes = self._region_boxes(frame, region_px)
-        hidden = self._forward(frame, ids, region_boxes)
-        p_trigger = model.llm.lm_head(hidden[0, -2]).float().softmax(-1)[tok.trigger_id].item()
-        h = hidden[0, -1]
-        box = model.box_decoder.decode(h)
-        obj = self._make_object(frame, phrase_from_query(query), box, p_trigger)
-        return Answer(text=f"{obj.phrase} [0]", objects=[obj], mode="ground", token_ids=[*ids, tok.location_id],
-                      location_boxes=torch.cat([region_boxes, box[None]]).float().cpu().numpy()), [h]
+        tail = model.prompt.grounding_answer()
+        ids = [q.ids + tail for q in questions]
+        region_boxes = [self._region_boxes(frame, r) for r in regions]
+        hidden = self.decoder.prefill([self._embed_query(frame, i, b) for i, b in zip(ids, region_boxes)])
+        p_trigger = self._logits(torch.stack([h[-2] for h in hidden])).float().softmax(-1)[:, tok.trigger_id]
+        trigger_hidden = torch.stack([h[-1] for h in hidden]).to(model.dtype)
+        boxes = model.box_decoder.decode(trigger_hidden)
+        answers = []
+        for k, (text, score) in enumerate(zip(texts, p_trigger.tolist())):
+            obj = self._make_object(frame, phrase_from_query(text), boxes[k], score)
+            answers.append(Answer(text=f"{obj.phrase} [0]", objects=[obj], mode="ground",
+                                  token_ids=[*ids[k], tok.location_id],
+                                  location_boxes=torch.cat([region_boxes[k], boxes[k][None]]).float().cpu().numpy()))
+        return answers, [[h] for h in trigger_hidden]
 
-    def _generate(self, frame, question, region_px, max_new_tokens, temperature, top_p, generator,
-                  logits_processor, on_progress=None, stop=None) -> tuple[Answer, list[torch.Tensor]]:
-        """Free generation; also returns each object's trigger hidden state (for its mask)."""
+    def _row(self, frame, question, region_px, max_new_tokens, seed, index, temperature) -> _Row:
+        room = self.decoder.context - self.decoder.prefix_len - len(question.ids)
+        generator = None
+        if seed is not None and temperature > 0:
+            generator = torch.Generator(device=self.device).manual_seed(seed + index)
+        boxes = self._region_boxes(frame, region_px)
+        return _Row(list(question.ids), boxes, min(max_new_tokens, room - 2), generator,
+                    token_ids=list(question.ids), loc_boxes=list(boxes))
+
+    def _generate(self, frame, rows: list[_Row], temperature, top_p, logits_processor, on_progress=None,
+                  stop=None) -> tuple[list[Answer], list[list[torch.Tensor]]]:
+        """Free generation for a batch of rows, one decode step for all of them at a
+        time. A trigger's step decodes its box; the row's next input is then the
+        location token (the box, embedded), after which it picks again."""
         model, tok = self.model, self.model.tokenizer
-        region_boxes = self._region_boxes(frame, region_px)
-        hidden = self._forward(frame, question.ids, region_boxes)
-        logits = model.llm.lm_head(hidden[0, -1])
-        token_ids = list(question.ids)
-        loc_boxes = [b for b in region_boxes]
-        pieces: list[list[int]] = [[]]
-        objects: list[GroundedObject] = []
-        hiddens: list[torch.Tensor] = []
-        budget = model.config.llm.max_position_embeddings - frame.prefix_len - len(token_ids)
-        truncated = cancelled = False
-        generated: list[int] = []
-        for _ in range(min(max_new_tokens, budget - 2)):
-            if stop is not None and stop():
-                cancelled = True
+        embed_tokens = model.llm.get_input_embeddings()
+        hidden = self.decoder.prefill([self._embed_query(frame, r.question, r.region_boxes) for r in rows])
+        logits = self._logits(torch.stack([h[-1] for h in hidden]))
+        width, dtype = hidden[0].shape[-1], hidden[0].dtype
+        for row in rows:
+            row.done = row.truncated = row.limit < 1
+        while not all(row.done for row in rows):
+            picking = [b for b, row in enumerate(rows) if not row.done and row.location is None]
+            if stop is not None and picking and stop():
+                for row in rows:
+                    row.done = row.cancelled = True
                 break
+            picks = self._pick_rows(logits, rows, picking, temperature, top_p, logits_processor)
+            inputs = torch.zeros(len(rows), width, device=self.device, dtype=dtype)
+            token_rows, trigger_rows = [], []
+            for b, row in enumerate(rows):
+                if row.done:
+                    continue
+                if row.location is not None:  # the forced location token
+                    inputs[b] = row.location
+                    row.location = None
+                    continue
+                token = picks[b]
+                row.picked += 1
+                if token == tok.eos_id:
+                    row.done = True
+                    continue
+                (trigger_rows if token == tok.trigger_id else token_rows).append(b)
+                row.last = token
+            if all(row.done for row in rows):
+                break
+            picked_rows = token_rows + trigger_rows
+            if picked_rows:
+                ids = torch.tensor([rows[b].last for b in picked_rows], device=self.device)
+                inputs[picked_rows] = embed_tokens(ids).to(inputs.dtype)
+            step_hidden = self.decoder.step(inputs)
+            for b in token_rows:
+                row = rows[b]
+                row.token_ids.append(row.last)
+                row.generated.append(row.last)
+                row.pieces[-1].append(row.last)
+            if trigger_rows:
+                self._triggered(frame, rows, trigger_rows, step_hidden)
+            for b in picked_rows:
+                row = rows[b]
+                if row.picked >= row.limit and not row.done:
+                    row.done = row.truncated = True  # the token budget ran out before the end of the answer
+                if on_progress is not None:
+                    on_progress(_answer_text(tok, row.pieces), list(row.objects), len(row.generated))
+            logits = self._logits(step_hidden)
+        answers = []
+        for row in rows:
+            boxes = torch.stack(row.loc_boxes).float().cpu().numpy() if row.loc_boxes else np.zeros((0, 4))
+            answers.append(Answer(text=_answer_text(tok, row.pieces), objects=row.objects, mode="generate",
+                                  token_ids=row.token_ids, location_boxes=boxes, truncated=row.truncated,
+                                  cancelled=row.cancelled))
+        return answers, [row.hiddens for row in rows]
+
+    def _triggered(self, frame, rows: list[_Row], trigger_rows: list[int], step_hidden: torch.Tensor) -> None:
+        """Rows whose input was a trigger: decode its box, make the object, and embed
+        the box as the location token, the row's next input."""
+        model, tok = self.model, self.model.tokenizer
+        trigger_hidden = step_hidden[trigger_rows].to(model.dtype)
+        boxes = model.box_decoder.decode(trigger_hidden)
+        locations = model.location_embeddings(boxes, frame.image_embeds).to(step_hidden.dtype)
+        for k, b in enumerate(trigger_rows):
+            row = rows[b]
+            row.objects.append(self._make_object(frame, phrase_from_answer(tok.decode(row.pieces[-1])), boxes[k],
+                                                 row.trigger_score))
+            row.hiddens.append(trigger_hidden[k])
+            row.location = locations[k]
+            row.token_ids += [tok.trigger_id, tok.location_id]
+            row.generated += [tok.trigger_id, tok.location_id]
+            row.loc_boxes.append(boxes[k])
+            row.pieces.append([])
+
+    def _pick_rows(self, logits, rows, picking, temperature, top_p, logits_processor) -> dict[int, int]:
+        """The next token of each picking row: greedy over the batch in one host sync,
+        or row by row where a logits processor or sampling needs it."""
+        tok = self.model.tokenizer
+        if not picking:
+            return {}
+        if logits_processor is None and temperature == 0:
+            chosen = logits[picking].float().masked_fill(self._banned, float("-inf")).argmax(-1).tolist()
+            picks = dict(zip(picking, chosen))
+            for b in picking:
+                if picks[b] == tok.trigger_id:
+                    rows[b].trigger_score = logits[b].float().softmax(-1)[tok.trigger_id].item()
+            return picks
+        picks = {}
+        for b in picking:
+            row_logits = logits[b]
             if logits_processor is not None:
-                logits = logits_processor(generated, logits)
-            token = self._pick(logits, temperature, top_p, generator)
-            if token == tok.eos_id:
-                break
-            if token == tok.trigger_id:
-                p_trigger = logits.float().softmax(-1)[token].item()
-                h = self._forward(frame, [token])[0, -1]
-                box = model.box_decoder.decode(h)
-                objects.append(self._make_object(frame, phrase_from_answer(tok.decode(pieces[-1])), box, p_trigger))
-                hiddens.append(h)
-                # The location token is forced and carries the box back into the LLM.
-                hidden = self._forward_embeds(frame, model.location_embeddings(box[None], frame.image_embeds)[None])
-                token_ids += [token, tok.location_id]
-                generated += [token, tok.location_id]
-                loc_boxes.append(box)
-                pieces.append([])
-            else:
-                hidden = self._forward(frame, [token])
-                token_ids.append(token)
-                generated.append(token)
-                pieces[-1].append(token)
-            logits = model.llm.lm_head(hidden[0, -1])
-            if on_progress is not None:
-                on_progress(_answer_text(tok, pieces), list(objects), len(generated))
-        else:
-            truncated = True  # the token budget ran out before the end of the answer
-        boxes = torch.stack(loc_boxes).float().cpu().numpy() if loc_boxes else np.zeros((0, 4))
-        return Answer(text=_answer_text(tok, pieces), objects=objects, mode="generate", token_ids=token_ids,
-                      location_boxes=boxes, truncated=truncated, cancelled=cancelled), hiddens
+                row_logits = logits_processor(list(rows[b].generated), row_logits)
+            picks[b] = self._pick(row_logits, temperature, top_p, rows[b].generator)
+            if picks[b] == tok.trigger_id:
+                rows[b].trigger_score = row_logits.float().softmax(-1)[tok.trigger_id].item()
+        return picks
 
     def _pick(self, logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
         logits = logits.float().masked_fill(self._banned, float("-inf"))
@@ -265,7 +408,7 @@ class NextChatPredictor:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        return int(torch.multinomial(probs, 1, generator=generator))
 
     def _make_object(self, frame, phrase, box, score) -> GroundedObject:
         normalized = box.float().cpu().numpy()
@@ -273,15 +416,19 @@ class NextChatPredictor:
         return GroundedObject(phrase=phrase, box=pixels.copy(), score=float(score), decoder_box=pixels,
                               box_normalized=normalized)
 
-    def _add_masks(self, frame: _Frame, answer: Answer, hiddens: list[torch.Tensor]) -> None:
-        """Each object's mask from SAM, prompted by its box and its trigger's hidden state."""
+    def _add_masks(self, frame: _Frame, answered: list[tuple[Answer, list[torch.Tensor]]]) -> None:
+        """Each object's mask from SAM, prompted by its box and its trigger's hidden
+        state; the objects of every answer in the batch in one call."""
+        if not answered:
+            return
         model = self.model
-        hidden = torch.stack(hiddens)
-        boxes = torch.stack([torch.as_tensor(o.box_normalized) for o in answer.objects]).to(self.device, model.dtype)
+        objects = [obj for answer, _ in answered for obj in answer.objects]
+        hidden = torch.stack([h for _, hiddens in answered for h in hiddens])
+        boxes = torch.stack([torch.as_tensor(o.box_normalized) for o in objects]).to(self.device, model.dtype)
         low, iou = self.backend.masks(frame.sam_embedding, boxes, hidden)
         logits = model.sam.postprocess_masks(low, frame.height, frame.width)
         masks = (logits > model.config.sam.mask_threshold).cpu().numpy()
-        for obj, mask, score in zip(answer.objects, masks, iou[:, 0].float().cpu().tolist()):
+        for obj, mask, score in zip(objects, masks, iou[:, 0].float().cpu().tolist()):
             obj.mask = mask
             obj.mask_score = score
             # SAM's mask outlines the object more tightly than the box decoder's box
@@ -306,7 +453,8 @@ def _answer_text(tok, pieces: list[list[int]]) -> str:
 def load_predictor(model_dir: str | Path | None = None, backend: str = "torch", export_dir: str | Path | None = None,
                    device: str = "cpu", precision: str | None = None,
                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                   rebuild_engines: bool = False) -> NextChatPredictor:
+                   rebuild_engines: bool = False, llm_precision: str = "auto",
+                   decoder: str = "engine") -> NextChatPredictor:
     """The one way to make a predictor (the node, every command, the benchmarks).
 
     ``model_dir``: a model directory; None or "" = the shipped tiny model.
@@ -315,7 +463,8 @@ def load_predictor(model_dir: str | Path | None = None, backend: str = "torch", 
     (fp32 | fp16; default: the export's own). A TensorRT engine that cannot run here
     is rebuilt from its ONNX graph with ``rebuild_engines``, else falls back to ONNX
     Runtime with a logged warning; the predictor's ``backend.fallback_reason`` says
-    why. Raises ModelFileError / BackendError naming what is wrong.
+    why. ``llm_precision`` / ``decoder``: how the LLM runs (``NextChatPredictor``).
+    Raises ModelFileError / BackendError naming what is wrong.
     """
     from .model.build import DEFAULT_MODEL_DIR
     from .model.checkpoint import load_pretrained
@@ -327,7 +476,9 @@ def load_predictor(model_dir: str | Path | None = None, backend: str = "torch", 
     if backend != "torch" and not export_dir:
         export_dir = model_dir / "export"
     parts = load_backend(backend, model, export_dir, precision=precision, rebuild_engines=rebuild_engines)
-    return NextChatPredictor(model, device=device, max_image_pixels=max_image_pixels, backend=parts)
+    return NextChatPredictor(model, device=device, max_image_pixels=max_image_pixels, backend=parts,
+                             decoder=decoder, llm_precision=llm_precision)
 
 
-__all__ = ["MODES", "Answer", "GroundedObject", "NextChatPredictor", "ProgressCallback", "load_predictor"]
+__all__ = ["DECODERS", "LLM_PRECISIONS", "MODES", "Answer", "GroundedObject", "NextChatPredictor", "ProgressCallback",
+           "load_predictor"]

@@ -25,7 +25,7 @@ import numpy as np
 from .errors import ImageError, QueryError
 from .options import DEFAULT_MAX_NEW_TOKENS
 from .predictor import NextChatPredictor, ProgressCallback
-from .queries import choose_mode, read_query
+from .queries import QueryReading, choose_mode, read_query
 from .records import Frame, GroundedObject
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,14 @@ def object_position(mask: np.ndarray, depth: np.ndarray, intrinsics) -> tuple[fl
 class GroundingService:
     def __init__(self, predictor: NextChatPredictor, *, max_image_age: float = 2.0, frame_buffer: int = 8,
                  queue_size: int = 8, default_mode: str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 masks: bool = True, frame_wait: float = 0.5, clock: Callable[[], float] = time.monotonic):
+                 masks: bool = True, frame_wait: float = 0.5, clock: Callable[[], float] = time.monotonic,
+                 max_batch: int | None = None):
         """``default_mode``: the answer mode of requests that name none (auto reads the
         query, ``queries.read_query``). ``masks``: compute masks (without them there are
-        no masks' tight boxes and no 3D positions)."""
+        no masks' tight boxes and no 3D positions). ``max_batch``: most queued requests
+        answered in one batch (default: what the predictor's decoder takes; 1 = none)."""
         self.predictor = predictor
+        self.max_batch = max_batch or predictor.decoder.max_rows
         self.max_image_age = max_image_age
         # A query may name a frame that is still on its way (a large image travels
         # slower than a small query): wait up to this long, from the query's
@@ -186,14 +189,57 @@ class GroundingService:
             request = self._queue.get()
             if request is None:
                 return
-            self._finish(self._answer(request))
+            # What else is waiting now joins it: queries about one frame in one mode
+            # are answered as one batch (the engine's pass over the cached prefix).
+            batch, closing = [request], False
+            while len(batch) < self.max_batch:
+                try:
+                    waiting = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is None:
+                    closing = True
+                    break
+                batch.append(waiting)
+            if len(batch) == 1:
+                self._finish(self._answer(request))
+            else:
+                self._answer_batch(batch)
+            if closing:
+                return
 
     def _answer(self, request: Request) -> Outcome:
         try:
             return self._handle(request)
         except Exception as exc:  # the node keeps serving whatever happens to one query
             log.exception("query %s failed", request.query_id)
-            return Outcome(request, Status.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+            return _internal_error(request, exc)
+
+    def _answer_batch(self, batch: list[Request]) -> None:
+        """Each request's outcome, finished as soon as it is known: refusals first,
+        then each group of requests about one frame in one mode (streamed or
+        cancellable requests stay alone)."""
+        groups: dict[tuple, list[_Prepared]] = {}
+        for request in batch:
+            try:
+                prepared = self._prepare(request)
+            except Exception as exc:
+                log.exception("query %s failed", request.query_id)
+                prepared = _internal_error(request, exc)
+            if isinstance(prepared, Outcome):
+                self._finish(prepared)
+            elif request.progress is None and request.cancelled is None:
+                groups.setdefault((prepared.frame.key, prepared.reading.mode), []).append(prepared)
+            else:
+                groups[(id(request),)] = [prepared]
+        for group in groups.values():
+            try:
+                outcomes = self._ask(group)
+            except Exception as exc:
+                log.exception("queries %s failed", [p.request.query_id for p in group])
+                outcomes = [_internal_error(p.request, exc) for p in group]
+            for outcome in outcomes:
+                self._finish(outcome)
 
     def _finish(self, outcome: Outcome) -> None:
         request = outcome.request
@@ -238,8 +284,12 @@ class GroundingService:
         return frame, None
 
     def _handle(self, request: Request) -> Outcome:
-        started = self.clock()
-        timings = {"queue_ms": (started - request.received) * 1e3, "image_encode_ms": 0.0}
+        prepared = self._prepare(request)
+        return prepared if isinstance(prepared, Outcome) else self._ask([prepared])[0]
+
+    def _prepare(self, request: Request) -> _Prepared | Outcome:
+        """The request's frame and reading, or the outcome that refuses it."""
+        timings = {"queue_ms": (self.clock() - request.received) * 1e3, "image_encode_ms": 0.0}
         if request.cancelled is not None and request.cancelled():
             return Outcome(request, Status.CANCELLED, "cancelled by the client before it was answered")
         frame, refusal = self._pick_frame(request)
@@ -247,25 +297,41 @@ class GroundingService:
             return refusal
         if frame.image is None:
             return Outcome(request, Status.BAD_IMAGE, frame.error or "the image could not be used", frame=frame)
+        return _Prepared(request, frame, read_query(request.text, request.mode or self.default_mode), timings)
+
+    def _ask(self, group: list[_Prepared]) -> list[Outcome]:
+        """Answer requests about one frame in one mode: one alone (streamed and
+        cancellable where it asks to be), several as one batch."""
+        frame, mode = group[0].frame, group[0].reading.mode
         if frame.key != self._encoded_key:
             try:
                 self._encoded_key = None
                 encode = self.predictor.set_image(frame.image)
             except ImageError as exc:
-                return Outcome(request, Status.BAD_IMAGE, str(exc), frame=frame)
+                return [Outcome(p.request, Status.BAD_IMAGE, str(exc), frame=frame) for p in group]
             self._encoded_key = frame.key
-            timings["image_encode_ms"] = encode["set_image_ms"]
-        reading = read_query(request.text, request.mode or self.default_mode)
+            group[0].timings["image_encode_ms"] = encode["set_image_ms"]  # as when asked one after another
         try:
-            answer = self.predictor.ask(request.text, regions=request.regions or None, mode=reading.mode,
-                                        max_new_tokens=self.max_new_tokens, masks=self.masks,
-                                        on_progress=request.progress, stop=request.cancelled)
-        except QueryError as exc:
-            return Outcome(request, Status.BAD_QUERY, str(exc), frame=frame, mode=reading.mode)
-        except ImageError as exc:
-            return Outcome(request, Status.BAD_IMAGE, str(exc), frame=frame, mode=reading.mode)
+            if len(group) == 1:
+                request = group[0].request
+                answers = [self.predictor.ask(request.text, regions=request.regions or None, mode=mode,
+                                              max_new_tokens=self.max_new_tokens, masks=self.masks,
+                                              on_progress=request.progress, stop=request.cancelled)]
+            else:
+                answers = self.predictor.ask_batch([(p.request.text, p.request.regions or None) for p in group],
+                                                   mode=mode, max_new_tokens=self.max_new_tokens, masks=self.masks)
+        except (QueryError, ImageError) as exc:
+            if len(group) > 1:  # one bad query: the others are answered, it gets its own error
+                return [outcome for p in group for outcome in self._ask([p])]
+            status = Status.BAD_QUERY if isinstance(exc, QueryError) else Status.BAD_IMAGE
+            return [Outcome(group[0].request, status, str(exc), frame=frame, mode=mode)]
+        return [self._outcome(p, answer) for p, answer in zip(group, answers)]
+
+    def _outcome(self, prepared: _Prepared, answer) -> Outcome:
+        request, frame, reading, timings = prepared.request, prepared.frame, prepared.reading, prepared.timings
         timings["llm_ms"] = answer.timings_ms["llm_ms"]
         timings["mask_ms"] = answer.timings_ms["mask_ms"]
+        timings["batch"] = answer.timings_ms.get("batch", 1.0)
         objects = [dataclasses.replace(o, position=object_position(o.mask, frame.depth, frame.intrinsics))
                    for o in answer.objects]
         timings["total_ms"] = (self.clock() - request.received) * 1e3
@@ -274,3 +340,17 @@ class GroundingService:
                            answer.text, objects, frame, reading.mode, timings, reading.instruction)
         return Outcome(request, Status.OK, "", answer.text, objects, frame, reading.mode, timings,
                        reading.instruction)
+
+
+@dataclass
+class _Prepared:
+    """A request with its frame and reading, waiting for the model."""
+
+    request: Request
+    frame: Frame
+    reading: QueryReading
+    timings: dict[str, float]
+
+
+def _internal_error(request: Request, exc: Exception) -> Outcome:
+    return Outcome(request, Status.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}")

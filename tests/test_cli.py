@@ -41,6 +41,7 @@ def test_help_explains_the_commands():
         assert command in out.stdout
     ground = nextchat("ground", "--help")
     assert ground.returncode == 0 and "--region" in ground.stdout and "--overlay" in ground.stdout
+    assert "--llm-precision" in ground.stdout and "int4" in ground.stdout
 
 
 def test_ground_json_and_overlay(saved_tiny, scene, tmp_path):
@@ -55,7 +56,7 @@ def test_ground_json_and_overlay(saved_tiny, scene, tmp_path):
     assert {"set_image_ms", "ask_ms"} <= set(result["timings_ms"])
     assert np.asarray(Image.open(overlay)).shape == scene.image.shape
     grounded = nextchat("ground", "--model", saved_tiny, "--image", image, "--query", "where is the cup?",
-                        "--mode", "ground", "--json")
+                        "--mode", "ground", "--json", "--llm-precision", "int8")
     objects = json.loads(grounded.stdout)["objects"]
     assert len(objects) == 1 and objects[0]["phrase"] == "the cup" and len(objects[0]["box_xyxy"]) == 4
 

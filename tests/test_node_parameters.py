@@ -18,6 +18,7 @@ def test_the_params_file_sets_every_parameter_to_its_default():
 @pytest.mark.parametrize("field,value,message", [
     ("backend", "cuda", "parameter backend='cuda' must be one of"),
     ("precision", "int8", "parameter precision='int8' must be one of"),
+    ("llm_precision", "int3", "parameter llm_precision='int3' must be one of"),
     ("mode", "chat", "parameter mode='chat'"),
     ("queue_size", 0, "parameter queue_size=0 must be >= 1"),
     ("model_dir", "/nonexistent/model", "model directory not found: /nonexistent/model"),

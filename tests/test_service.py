@@ -186,3 +186,39 @@ def test_a_streamed_request_reports_progress_and_can_be_cancelled(service, scene
     early = collect(service, [Request("early", "where is the cube?", cancelled=lambda: True)])["early"][0]
     assert early.status == Status.CANCELLED and "before it was answered" in early.error
     assert service.counts["cancelled"] == 2 and service.counts["errors"] == 0
+
+
+def test_queued_queries_about_one_frame_are_answered_as_one_batch(tiny_model, scene):
+    from nextchat_ros.queries import read_query
+
+    service = GroundingService(NextChatPredictor(tiny_model), queue_size=16)
+    service.add_frame(Frame(scene.image, 1))
+    reference = NextChatPredictor(tiny_model)
+    reference.set_image(scene.image)
+    texts = ["describe the table.", "where is the cup?", "is there a red cube?", "what is [0]?", "find the ball.",
+             "how many cups are there?"]
+    for bad in (None, "   "):  # the second time, one query of the batch is bad
+        gate = threading.Event()
+        # The gate holds the worker until every other request waits in the queue.
+        requests = [Request("gate", "where is the ball?", cancelled=lambda gate=gate: not gate.wait(10))]
+        requests += [Request(f"q{i}", t, regions=[[5, 5, 60, 60]] if "[0]" in t else []) for i, t in enumerate(texts)]
+        if bad is not None:
+            requests.append(Request("bad", bad))
+        opener = threading.Timer(0.3, gate.set)
+        opener.start()
+        out = collect(service, requests)
+        opener.join()
+        assert all(len(v) == 1 for v in out.values())
+        for request in requests[1:]:
+            outcome = out[request.query_id][0]
+            if request.query_id == "bad":
+                assert outcome.status == Status.BAD_QUERY and "empty" in outcome.error
+                continue
+            alone = reference.ask(request.text, regions=request.regions or None, mode=read_query(request.text).mode,
+                                  max_new_tokens=service.max_new_tokens)
+            assert outcome.status == Status.OK and outcome.text == alone.text, request.text
+            for got, want in zip(outcome.objects, alone.objects, strict=True):
+                np.testing.assert_allclose(got.box, want.box, atol=1e-3)
+        batches = [out[r.query_id][0].timings_ms["batch"] for r in requests[1:] if r.query_id != "bad"]
+        assert max(batches) > 1, batches
+    service.close()

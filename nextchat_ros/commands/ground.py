@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import QueryError
-from ..options import BACKENDS, DEFAULT_MAX_NEW_TOKENS, PRECISIONS
+from ..options import BACKENDS, DECODERS, DEFAULT_MAX_NEW_TOKENS, LLM_PRECISIONS, PRECISIONS
 
 HELP = "answer one query about an image: text, boxes and masks"
 DESCRIPTION = """\
@@ -37,13 +37,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "fp16 needs `nextchat export --fp16`)")
     parser.add_argument("--rebuild-engines", action="store_true",
                         help="tensorrt: rebuild an engine built for another TensorRT / GPU / model from its ONNX graph")
+    parser.add_argument("--llm-precision", choices=LLM_PRECISIONS, default="auto",
+                        help="the LLM's weights: auto (the model's dtype, default) | fp32 | bf16 | "
+                             "int8 / int4 (weight-only, torchao)")
+    parser.add_argument("--decoder", choices=DECODERS, default="engine",
+                        help="engine: the static-cache decode engine (default); eager: transformers' own "
+                             "forward, the reference the engine is checked against")
 
 
 def predictor_from_args(args: argparse.Namespace):
     from ..predictor import load_predictor
 
     return load_predictor(args.model, args.backend, args.export_dir, args.device, args.precision,
-                          rebuild_engines=args.rebuild_engines)
+                          rebuild_engines=args.rebuild_engines, llm_precision=args.llm_precision,
+                          decoder=args.decoder)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

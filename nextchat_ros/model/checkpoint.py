@@ -74,7 +74,9 @@ def save_pretrained(model: NextChatModel, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / CONFIG_FILE)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Copies: a predictor's engine makes the LLM's projections views of one fused
+    # matrix (engine.static_llama), and safetensors refuses tensors that share memory.
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "preset": model.config.preset})
     model.tokenizer.save(directory)
 
