@@ -1,14 +1,17 @@
 """Does the model say "not there", and does its score tell a right box from a wrong one?
 
-    .venv/bin/python benchmarks/absence.py [--model DIR] [model options: --help] [--num-scenes 200] [--json out.json]
+    .venv/bin/python benchmarks/absence.py [--model DIR] [model options: --help] [--num-scenes 200]
+        [--renderer tabletop | raycast] [--min-score 0.5] [--json out.json]
 
 For each held-out synthetic scene (seeds no training run used; the project's own
-renderer; a scene with an unlisted occluded object asks no absent question) it
-asks, the way the node asks (``queries.read_query``'s mode):
+renderer, or the held-out ray caster; a scene with an unlisted occluded object asks
+no absent question) it asks, the way the node asks (``queries.read_query``'s mode):
   - "where is the {colour} {kind}?" about one object that is there (present) and
     about a colour + kind that is not (absent);
   - "pick up the {colour} {kind}." about the same absent one.
-A query is refused when the answer grounds no object. It prints the refusal rates,
+A query is refused when the answer keeps no object at ``--min-score`` (the node's
+``min_score``; each question is asked once, keeping every object, and the objects
+below it are the ones the node drops). It prints the refusal rates,
 and for the object scores of the where-questions: AUROC for telling a right box
 (IoU >= 0.5 with the named object) from a wrong or absent one, and the expected
 calibration error (10 equal-width bins) of the score read as P(right).
@@ -23,8 +26,10 @@ from common import model_parser
 from tqdm import tqdm
 
 from nextchat_ros.commands.ground import predictor_from_args
+from nextchat_ros.options import DEFAULT_MIN_SCORE
 from nextchat_ros.queries import read_query
 from nextchat_ros.scoring import box_iou
+from nextchat_ros.synthetic.raycast import render_raycast
 from nextchat_ros.synthetic.scenes import COLORS, KINDS, render_scene
 
 # Seeds far from any training stream's (those count up from 0 per split).
@@ -53,12 +58,21 @@ def expected_calibration_error(scores: np.ndarray, right: np.ndarray, bins: int 
 
 
 def ask(predictor, question):
-    return predictor.ask(question, mode=read_query(question).mode)
+    """The answer with every object (min_score 0): each keeps its score."""
+    return predictor.ask(question, mode=read_query(question).mode, min_score=0.0, masks=False)
+
+
+def draw(renderer: str, seed: int):
+    if renderer == "raycast":
+        return render_raycast(seed, height=240, width=320)
+    return render_scene(seed, height=240, width=320, photo_probability=0.0)
 
 
 def main(argv=None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--num-scenes", type=int, default=200, help="scenes, three questions each (default 200)")
+    parser.add_argument("--renderer", choices=["tabletop", "raycast"], default="tabletop")
+    parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE)
     args = parser.parse_args(argv)
 
     predictor = predictor_from_args(args)
@@ -66,7 +80,7 @@ def main(argv=None) -> None:
     refused = {"present where": [], "absent where": [], "absent pick up": []}
     scores, right = [], []
     for k in tqdm(range(args.num_scenes), desc="absence", unit="scene"):
-        scene = render_scene(SEED_OFFSET + k, height=240, width=320, photo_probability=0.0)
+        scene = draw(args.renderer, SEED_OFFSET + k)
         predictor.set_image(scene.image)
         there = {(o.color, o.kind) for o in scene.objects}
         # A present target the colour + kind name uniquely.
@@ -75,23 +89,24 @@ def main(argv=None) -> None:
         if unique:
             target = unique[int(rng.integers(len(unique)))]
             answer = ask(predictor, f"where is the {target.color} {target.kind}?")
-            refused["present where"].append(not answer.objects)
+            refused["present where"].append(not any(o.score >= args.min_score for o in answer.objects))
             for obj in answer.objects[:1]:
                 scores.append(obj.score)
                 right.append(box_iou(obj.box, target.box) >= 0.5)
-        if scene.hidden:  # an occluded object that is painted but not listed could be the "absent" one
+        if getattr(scene, "hidden", None):  # a painted but unlisted occluded object could be the "absent" one
             continue
         color, kind = missing[int(rng.integers(len(missing)))]
         for name, question in (("absent where", f"where is the {color} {kind}?"),
                                ("absent pick up", f"pick up the {color} {kind}.")):
             answer = ask(predictor, question)
-            refused[name].append(not answer.objects)
+            refused[name].append(not any(o.score >= args.min_score for o in answer.objects))
             if name == "absent where":
                 for obj in answer.objects[:1]:
                     scores.append(obj.score)
                     right.append(False)
     scores_a, right_a = np.asarray(scores, float), np.asarray(right, bool)
     figures = {
+        "renderer": args.renderer, "min_score": args.min_score,
         "refused": {name: float(np.mean(v)) for name, v in refused.items()},
         "questions": {name: len(v) for name, v in refused.items()},
         "score_auroc_right_vs_wrong_or_absent": auroc(scores_a, right_a),

@@ -51,7 +51,7 @@ from .action import Ask
 from .errors import ImageError, NextChatError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .msg import GroundingResult, Query
-from .options import BACKENDS, DEFAULT_MAX_NEW_TOKENS, LLM_PRECISIONS, PRECISIONS
+from .options import BACKENDS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_SCORE, LLM_PRECISIONS, PRECISIONS
 from .overlay import draw_overlay
 from .predictor import load_predictor
 from .ros_images import (
@@ -98,6 +98,8 @@ class NodeParameters:
     mode: str = "auto"
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     publish_masks: bool = True
+    # Objects whose score (P the object named is there) is below this are not published.
+    min_score: float = DEFAULT_MIN_SCORE
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     subscribe_compressed: bool = False
     depth_sync_tolerance: float = 0.05
@@ -118,6 +120,8 @@ class NodeParameters:
         for name in ("max_image_age", "depth_sync_tolerance", "diagnostics_period"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"parameter {name}={getattr(self, name)} must be > 0 seconds")
+        if not 0 <= self.min_score <= 1:
+            raise ValueError(f"parameter min_score={self.min_score} must be in [0, 1]")
         if not self.frame_wait >= 0:
             raise ValueError(f"parameter frame_wait={self.frame_wait} must be >= 0 seconds")
         for name in ("frame_buffer", "queue_size", "max_new_tokens", "max_image_pixels"):
@@ -283,7 +287,8 @@ class _Serving:
                                       f"running the vision and mask parts on {predictor.backend.name}")
         self.service = GroundingService(predictor, max_image_age=p.max_image_age, frame_buffer=p.frame_buffer,
                                         frame_wait=p.frame_wait, queue_size=p.queue_size, default_mode=p.mode,
-                                        max_new_tokens=p.max_new_tokens, masks=p.publish_masks)
+                                        max_new_tokens=p.max_new_tokens, masks=p.publish_masks,
+                                        min_score=p.min_score)
         self._text_ids = 0
         self._depth = None  # (stamp_ns, metres)
         self._intrinsics = None

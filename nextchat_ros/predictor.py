@@ -12,6 +12,7 @@ after each query. Either way, queries never see each other.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -34,8 +35,17 @@ from .images import (
     validate_regions,
 )
 from .model.nextchat import NextChatModel
-from .options import DECODERS, DEFAULT_MAX_NEW_TOKENS, LLM_PRECISIONS
-from .queries import MODES, normalize_query, phrase_from_answer, phrase_from_query
+from .options import DECODERS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_SCORE, LLM_PRECISIONS
+from .queries import (
+    MODES,
+    absent_answer,
+    keep_references,
+    normalize_query,
+    phrase_from_answer,
+    phrase_from_query,
+    presence_question,
+    read_query,
+)
 from .records import GroundedObject
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -73,6 +83,7 @@ class _Frame:
 class _Row:
     """One query's generation state, a row of the batch."""
 
+    text: str  # the query, normalised
     question: list[int]
     region_boxes: torch.Tensor  # (R, 4) normalised
     limit: int  # tokens it may pick
@@ -169,7 +180,8 @@ class NextChatPredictor:
     def ask(self, query: str, regions=None, mode: str = "generate", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
             masks: bool = True, logits_processor: LogitsProcessor | None = None,
-            on_progress: ProgressCallback | None = None, stop: Callable[[], bool] | None = None) -> Answer:
+            on_progress: ProgressCallback | None = None, stop: Callable[[], bool] | None = None,
+            min_score: float = DEFAULT_MIN_SCORE) -> Answer:
         """Answer ``query`` about the current image.
 
         The query is read as ``queries.normalize_query`` writes it (case, spacing and a
@@ -182,16 +194,20 @@ class NextChatPredictor:
         on_progress: called after each generated token (``ProgressCallback``), on this thread.
         stop: checked before each token; when it returns True generation ends there and
         the answer comes back with ``cancelled`` set (no masks are computed for it).
+        min_score: objects whose score (the probability that the object named is there)
+        is below it are dropped, with their references in the text; when that leaves a
+        grounding question or an instruction with no object, the text says the object is
+        not there ("there is no red mug.").
         """
         return self.ask_batch([(query, regions)], mode, max_new_tokens, temperature, top_p, seed, masks,
-                              logits_processor, on_progress, stop)[0]
+                              logits_processor, on_progress, stop, min_score)[0]
 
     @torch.inference_mode()
     def ask_batch(self, queries, mode: str = "generate", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                   masks: bool = True, logits_processor: LogitsProcessor | None = None,
                   on_progress: ProgressCallback | None = None,
-                  stop: Callable[[], bool] | None = None) -> list[Answer]:
+                  stop: Callable[[], bool] | None = None, min_score: float = DEFAULT_MIN_SCORE) -> list[Answer]:
         """Several queries about the current image in one pass (``ask`` for the
         arguments): ``queries`` are texts or (text, regions) pairs. The engine runs
         them as one batch over the frame's cached prefix (up to its ``max_batch``;
@@ -204,6 +220,8 @@ class NextChatPredictor:
             raise QueryError("temperature must be >= 0 and top_p in (0, 1]")
         if max_new_tokens < 1:
             raise QueryError("max_new_tokens must be at least 1")
+        if not 0 <= min_score <= 1:
+            raise QueryError(f"min_score must be in [0, 1], not {min_score}")
         if len(queries) != 1 and (on_progress is not None or stop is not None):
             raise QueryError("on_progress and stop apply to one query at a time")
         specs = [(q, None) if isinstance(q, str) else tuple(q) for q in queries]
@@ -220,11 +238,11 @@ class NextChatPredictor:
                 chunk = slice(first, first + step)
                 answers += self._answer_batch(frame, texts[chunk], questions[chunk], regions[chunk], mode,
                                               max_new_tokens, temperature, top_p, seed, first, masks,
-                                              logits_processor, on_progress, stop)
+                                              logits_processor, on_progress, stop, min_score)
         return answers
 
     def _answer_batch(self, frame, texts, questions, regions, mode, max_new_tokens, temperature, top_p, seed,
-                      first, masks, logits_processor, on_progress, stop) -> list[Answer]:
+                      first, masks, logits_processor, on_progress, stop, min_score) -> list[Answer]:
         try:
             t0 = time.perf_counter()
             if stop is not None and stop():
@@ -235,10 +253,12 @@ class NextChatPredictor:
                 if on_progress is not None:
                     on_progress(answers[0].text, list(answers[0].objects), 1)
             else:
-                rows = [self._row(frame, q, r, max_new_tokens, seed, first + k, temperature)
-                        for k, (q, r) in enumerate(zip(questions, regions))]
+                rows = [self._row(frame, t, q, r, max_new_tokens, seed, first + k, temperature)
+                        for k, (t, q, r) in enumerate(zip(texts, questions, regions))]
                 answers, hiddens = self._generate(frame, rows, temperature, top_p, logits_processor,
                                                   on_progress, stop)
+            self._score_presence(frame, [(t, a) for t, a in zip(texts, answers) if not a.cancelled])
+            hiddens = [self._drop_absent(text, a, h, min_score) for text, a, h in zip(texts, answers, hiddens)]
             self._sync()
             t1 = time.perf_counter()
             if masks:
@@ -285,13 +305,13 @@ class NextChatPredictor:
                                   location_boxes=torch.cat([region_boxes[k], boxes[k][None]]).float().cpu().numpy()))
         return answers, [[h] for h in trigger_hidden]
 
-    def _row(self, frame, question, region_px, max_new_tokens, seed, index, temperature) -> _Row:
+    def _row(self, frame, text, question, region_px, max_new_tokens, seed, index, temperature) -> _Row:
         room = self.decoder.context - self.decoder.prefix_len - len(question.ids)
         generator = None
         if seed is not None and temperature > 0:
             generator = torch.Generator(device=self.device).manual_seed(seed + index)
         boxes = self._region_boxes(frame, region_px)
-        return _Row(list(question.ids), boxes, min(max_new_tokens, room - 2), generator,
+        return _Row(text, list(question.ids), boxes, min(max_new_tokens, room - 2), generator,
                     token_ids=list(question.ids), loc_boxes=list(boxes))
 
     def _generate(self, frame, rows: list[_Row], temperature, top_p, logits_processor, on_progress=None,
@@ -367,14 +387,61 @@ class NextChatPredictor:
         locations = model.location_embeddings(boxes, frame.image_embeds).to(step_hidden.dtype)
         for k, b in enumerate(trigger_rows):
             row = rows[b]
-            row.objects.append(self._make_object(frame, phrase_from_answer(tok.decode(row.pieces[-1])), boxes[k],
-                                                 row.trigger_score))
+            # "Answer: [0]" names nothing: the object is the one the query names.
+            phrase = phrase_from_answer(tok.decode(row.pieces[-1])) or phrase_from_query(row.text)
+            row.objects.append(self._make_object(frame, phrase, boxes[k], row.trigger_score))
             row.hiddens.append(trigger_hidden[k])
             row.location = locations[k]
             row.token_ids += [tok.trigger_id, tok.location_id]
             row.generated += [tok.trigger_id, tok.location_id]
             row.loc_boxes.append(boxes[k])
             row.pieces.append([])
+
+    def _score_presence(self, frame: _Frame, answered: list[tuple[str, Answer]]) -> None:
+        """Each object's score: the model's P(yes) to ``queries.presence_question`` about
+        its phrase on this frame (yes against no, the two ways such answers start),
+        the questions of a batch in one prefill. An instruction's target is asked about
+        by the name the query gives it: the answer may have picked another object."""
+        objects, questions = [], []
+        for text, answer in answered:
+            instruction = read_query(text).instruction
+            for k, obj in enumerate(answer.objects):
+                question = presence_question(phrase_from_query(text) if instruction and k == 0 else obj.phrase)
+                if question is None:  # "the leftmost object": there is one; the trigger's score stays
+                    obj.trigger_score = obj.score
+                    continue
+                objects.append(obj)
+                questions.append(question)
+        if not objects:
+            return
+        tok, prompt = self.model.tokenizer, self.model.prompt
+        yes_no = [tok.encode(" yes")[0], tok.encode(" no")[0]]
+        no_regions = torch.zeros(0, 4, device=self.device, dtype=self.model.dtype)
+        for first in range(0, len(objects), self.decoder.max_rows):
+            chunk = objects[first:first + self.decoder.max_rows]
+            ids = [prompt.question(q, 0).ids for q in questions[first:first + self.decoder.max_rows]]
+            hidden = self.decoder.prefill([self._embed_query(frame, i, no_regions) for i in ids])
+            self.decoder.end()
+            logits = self._logits(torch.stack([h[-1] for h in hidden])).float()
+            for obj, p_yes in zip(chunk, logits[:, yes_no].softmax(-1)[:, 0].tolist()):
+                obj.trigger_score, obj.score = obj.score, p_yes
+
+    def _drop_absent(self, text: str, answer: Answer, hiddens: list[torch.Tensor],
+                     min_score: float) -> list[torch.Tensor]:
+        """Drop the objects scored below ``min_score``; returns the hidden states kept."""
+        keep = [obj.score >= min_score for obj in answer.objects]
+        if all(keep):
+            return hiddens
+        rest = keep_references(answer.text, keep)
+        # Nothing left to say ("Answer: ." once its object is gone), or a grounding
+        # question or instruction without its object: the object is not there.
+        says_nothing = not re.sub(r"answer:|[\s.,;:!?]", "", rest, flags=re.I)
+        if not any(keep) and (answer.mode == "ground" or read_query(text).instruction or says_nothing):
+            answer.text = absent_answer(answer.objects[0].phrase)
+        else:
+            answer.text = rest
+        answer.objects = [obj for obj, kept in zip(answer.objects, keep) if kept]
+        return [h for h, kept in zip(hiddens, keep) if kept]
 
     def _pick_rows(self, logits, rows, picking, temperature, top_p, logits_processor) -> dict[int, int]:
         """The next token of each picking row: greedy over the batch in one host sync,

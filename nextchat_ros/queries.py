@@ -23,7 +23,10 @@ LOCATE_VERBS = ("where's", "where is", "where are", "find", "locate", "point to"
 INSTRUCTION_VERBS = ("pick up", "pick", "grab", "grasp", "take", "put", "place", "move", "push", "bring", "fetch",
                      "hand me", "go to", "reach")
 # Words before an object's name in a query, dropped from the phrase of a ground-mode answer.
-_QUERY_LEAD_VERBS = (*LOCATE_VERBS, "show", "ground", "give me", "look at", "pick up", "grab")
+_QUERY_LEAD_VERBS = (*LOCATE_VERBS, "show", "ground", "give me", "look at", "pick up", "grab", "is there",
+                     "are there")
+# Words after an object's name in a query that are not part of it.
+_QUERY_TAIL = re.compile(r"\s+(?:in|on) (?:the|this) (?:image|picture|photo|view|scene)$", re.I)
 
 
 def _alternatives(phrases) -> str:
@@ -85,7 +88,7 @@ def read_query(text: str, mode: str = "auto") -> QueryReading:
 
 def phrase_from_query(query: str) -> str:
     """The object a ground-mode query names: "where is the red cup?" -> "the red cup"."""
-    phrase = query.strip().rstrip("?.! ")
+    phrase = _QUERY_TAIL.sub("", query.strip().rstrip("?.! "))
     return _QUERY_LEAD.sub("", phrase).strip() or query.strip()
 
 
@@ -96,3 +99,63 @@ def phrase_from_answer(text: str) -> str:
     while previous != clause:
         previous, clause = clause, _ANSWER_LEAD.sub("", clause).strip()
     return clause
+
+
+_ARTICLE = re.compile(r"^(?:the|a|an|this|that)\s+", re.I)
+_REFERENCE = re.compile(r" ?\[(\d{1,3})\]")
+
+
+def bare_phrase(phrase: str) -> str:
+    """"the red mug" -> "red mug": an object's name without its article."""
+    return _ARTICLE.sub("", phrase.strip()).strip() or phrase.strip()
+
+
+# Where an object's relation to others starts ("the cup left of the ball"), and the
+# words that pick one of several ("the largest cube") rather than name a thing.
+_RELATION = re.compile(r"\s+(?:(?:to the )?(?:left|right) of|behind|in front of|next to|near(?:est)?(?: to)?|"
+                       r"closest to|beside|between|above|below|under|on top of|on|in|with)\b.*$", re.I)
+_SELECTORS = re.compile(r"\b(?:large|small|medium|big|little|tiny|largest|smallest|biggest|leftmost|"
+                        r"rightmost|nearest|farthest|closest|first|second|third|last|other)\b\s*", re.I)
+GENERIC_NAMES = ("object", "objects", "thing", "things", "one", "item")
+
+
+def presence_name(phrase: str) -> str:
+    """What a yes/no about presence asks for: the thing's name without its article,
+    its relations to others or the words that pick one of several: "the large red
+    cube left of the ball" -> "red cube". "" when only a generic word is left
+    ("the leftmost object": every scene has one)."""
+    name = _REFERENCE.sub("", phrase)
+    name = _SELECTORS.sub("", _RELATION.sub("", bare_phrase(name))).strip()
+    name = bare_phrase(_SPACES.sub(" ", name))
+    return "" if not name or name.lower() in GENERIC_NAMES else name[:80]
+
+
+def presence_question(phrase: str) -> str | None:
+    """The yes/no question whose answer scores an object: "is there a red mug in the
+    image?" (the wording the model's yes/no answers were taught on); None when the
+    phrase names nothing a yes/no can be about (``presence_name``)."""
+    name = presence_name(phrase)
+    if not name:
+        return None
+    article = "an" if name[:1] in "aeiou" else "a"
+    return normalize_query(f"is there {article} {name} in the image?")
+
+
+def absent_answer(phrase: str) -> str:
+    """What an answer says when the object it names is not there."""
+    return f"there is no {bare_phrase(phrase)}."
+
+
+def keep_references(text: str, keep: list[bool]) -> str:
+    """The answer text with the references of the objects not kept removed and the
+    rest renumbered in order: keep [False, True] turns "a [0] and b [1]" into
+    "a and b [0]"."""
+    numbers = {}
+    for index, kept in enumerate(keep):
+        if kept:
+            numbers[index] = len(numbers)
+
+    def renumber(match: re.Match) -> str:
+        index = int(match.group(1))
+        return f" [{numbers[index]}]" if index in numbers else ""
+    return _REFERENCE.sub(renumber, text)

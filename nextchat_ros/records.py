@@ -20,7 +20,10 @@ class GroundedObject:
     # (4,) pixel xyxy in the original image: the tight box of the mask when there is a
     # non-empty one, else decoder_box.
     box: np.ndarray
-    score: float  # probability the LLM gave its trigger token
+    # The probability that the object named is there: the model's own yes/no answer to
+    # "is there a {phrase} in the image?" on the frame (``queries.presence_question``);
+    # while an answer streams, the trigger's probability until the answer is done.
+    score: float
     # The box decoder's own box in pixels, and normalised to the centre-padded square
     # ([0, 1]): what the location token carried back into the LLM. None where the
     # object was read back from a message, which carries only ``box``.
@@ -29,6 +32,7 @@ class GroundedObject:
     mask: np.ndarray | None = None  # (H, W) bool
     mask_score: float = 0.0  # SAM's predicted IoU
     position: tuple[float, float, float] | None = None  # camera frame, metres (needs depth)
+    trigger_score: float = 0.0  # the probability the LLM gave its trigger token
 
 
 _frame_keys = itertools.count(1)

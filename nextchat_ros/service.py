@@ -23,7 +23,7 @@ from enum import IntEnum
 import numpy as np
 
 from .errors import ImageError, QueryError
-from .options import DEFAULT_MAX_NEW_TOKENS
+from .options import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_SCORE
 from .predictor import NextChatPredictor, ProgressCallback
 from .queries import QueryReading, choose_mode, read_query
 from .records import Frame, GroundedObject
@@ -104,11 +104,12 @@ class GroundingService:
     def __init__(self, predictor: NextChatPredictor, *, max_image_age: float = 2.0, frame_buffer: int = 8,
                  queue_size: int = 8, default_mode: str = "auto", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  masks: bool = True, frame_wait: float = 0.5, clock: Callable[[], float] = time.monotonic,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, min_score: float = DEFAULT_MIN_SCORE):
         """``default_mode``: the answer mode of requests that name none (auto reads the
         query, ``queries.read_query``). ``masks``: compute masks (without them there are
         no masks' tight boxes and no 3D positions). ``max_batch``: most queued requests
-        answered in one batch (default: what the predictor's decoder takes; 1 = none)."""
+        answered in one batch (default: what the predictor's decoder takes; 1 = none).
+        ``min_score``: objects scored below it are dropped (``NextChatPredictor.ask``)."""
         self.predictor = predictor
         self.max_batch = max_batch or predictor.decoder.max_rows
         self.max_image_age = max_image_age
@@ -118,6 +119,7 @@ class GroundingService:
         self.frame_wait = frame_wait
         self.default_mode = default_mode
         self.max_new_tokens = max_new_tokens
+        self.min_score = min_score
         self.masks = masks
         self.clock = clock
         self._frames: deque[Frame] = deque(maxlen=frame_buffer)
@@ -316,10 +318,12 @@ class GroundingService:
                 request = group[0].request
                 answers = [self.predictor.ask(request.text, regions=request.regions or None, mode=mode,
                                               max_new_tokens=self.max_new_tokens, masks=self.masks,
+                                              min_score=self.min_score,
                                               on_progress=request.progress, stop=request.cancelled)]
             else:
                 answers = self.predictor.ask_batch([(p.request.text, p.request.regions or None) for p in group],
-                                                   mode=mode, max_new_tokens=self.max_new_tokens, masks=self.masks)
+                                                   mode=mode, max_new_tokens=self.max_new_tokens, masks=self.masks,
+                                                   min_score=self.min_score)
         except (QueryError, ImageError) as exc:
             if len(group) > 1:  # one bad query: the others are answered, it gets its own error
                 return [outcome for p in group for outcome in self._ask([p])]

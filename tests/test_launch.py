@@ -127,17 +127,17 @@ def test_launch_remaps_answers_echoes_and_stops_cleanly_on_ctrl_c(launch, worksp
         for _ in range(3):  # best effort camera QoS: a few frames
             image_pub.publish(image_msg(scene.image, time.time_ns()))
             executor.spin_once(timeout_sec=0.2)
-        query_pub.publish(String(data="where is the cube?"))
+        query_pub.publish(String(data="where is the blue cube?"))
         deadline = time.monotonic() + 60
         while not results and time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.2)
         assert results and results[0].status == GroundingResult.STATUS_OK, results
-        assert results[0].query == "where is the cube?" and len(results[0].objects) == 1
+        assert results[0].query == "where is the blue cube?" and len(results[0].objects) == 1
         # `ros2 topic echo --once` prints the first result it gets; ask again until it has one
         # (its subscription may match the node's publisher after the first result went out).
         deadline, asked = time.monotonic() + 60, 1
         while echo.process.poll() is None and time.monotonic() < deadline:
-            query_pub.publish(String(data="where is the cube?"))
+            query_pub.publish(String(data="where is the blue cube?"))
             asked += 1
             for _ in range(25):
                 executor.spin_once(timeout_sec=0.2)
@@ -147,7 +147,7 @@ def test_launch_remaps_answers_echoes_and_stops_cleanly_on_ctrl_c(launch, worksp
         deadline = time.monotonic() + 60  # every query answered before the Ctrl-C below
         while len(results) < asked and time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.2)
-        assert "query: where is the cube?" in echo.log and "status: 0" in echo.log
+        assert "query: where is the blue cube?" in echo.log and "status: 0" in echo.log
     finally:
         executor.shutdown()
         node.destroy_node()

@@ -69,7 +69,7 @@ def test_generate_with_triggers_and_regions_matches_uncached_forward(region_pred
     TRIGGER[0] = model.tokenizer.trigger_id
     region = [10.0, 20.0, 60.0, 70.0]
     answer = predictor.ask("what is left of [0]?", regions=[region], max_new_tokens=10,
-                           logits_processor=force_triggers_at({2, 5}))
+                           logits_processor=force_triggers_at({2, 5}), min_score=0.0)
     assert len(answer.objects) == 2
     assert answer.text.count("[0]") == 1 and answer.text.count("[1]") == 1
     # location boxes: the user region first, then each decoded box
@@ -145,7 +145,7 @@ def test_typed_special_token_strings_are_plain_text(predictor):
     n_q = len(question.ids)
     assert answer.token_ids[:n_q] == question.ids
     assert answer.token_ids[n_q:].count(tok.trigger_id) == len(answer.objects)
-    grounded = predictor.ask(SPECIAL_STRINGS, mode="ground")
+    grounded = predictor.ask(SPECIAL_STRINGS, mode="ground", min_score=0.0)
     assert len(grounded.objects) == 1
 
 

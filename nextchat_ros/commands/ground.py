@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import QueryError
-from ..options import BACKENDS, DECODERS, DEFAULT_MAX_NEW_TOKENS, LLM_PRECISIONS, PRECISIONS
+from ..options import BACKENDS, DECODERS, DEFAULT_MAX_NEW_TOKENS, DEFAULT_MIN_SCORE, LLM_PRECISIONS, PRECISIONS
 
 HELP = "answer one query about an image: text, boxes and masks"
 DESCRIPTION = """\
@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
+                        help="drop objects the model thinks less likely there (its P(yes) to 'is there a ... in the "
+                             f"image?'; default {DEFAULT_MIN_SCORE}; 0 keeps every object)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--overlay", type=Path, default=None, help="write an overlay PNG of boxes and masks here")
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = predictor_from_args(args)
     timings = predictor.set_image(image)
     answer = predictor.ask(args.query, regions=regions or None, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, min_score=args.min_score)
     answer.timings_ms.update(timings)
     if args.overlay:
         args.overlay.parent.mkdir(parents=True, exist_ok=True)

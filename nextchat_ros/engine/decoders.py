@@ -101,7 +101,9 @@ class StaticDecoder:
         if self.prefix_len + longest >= self.context:
             raise ValueError(f"the query is {longest} tokens; the cache has room for "
                              f"{self.context - self.prefix_len - 1} after the image")
-        self.llama.ensure_rows(rows)
+        if rows > self.llama.rows:
+            self.llama.ensure_rows(rows)
+            self._graphs.clear()  # they read the cache tensors that were just replaced
         if self._rows_with_prefix < rows:
             self.llama.copy_prefix(rows, self.prefix_len)
             self._rows_with_prefix = rows
