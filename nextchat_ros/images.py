@@ -89,3 +89,12 @@ def mask_box(mask: np.ndarray) -> np.ndarray | None:
 def pixels_to_normalized(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     side, left, top = square_padding(height, width)
     return (np.asarray(boxes, dtype=np.float64) + np.array([left, top, left, top])) / side
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two xyxy boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0

@@ -28,6 +28,7 @@ from .engine.quantize import llm_dtype, quantize_linears
 from .errors import ImageError, ModelFileError, QueryError
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    box_iou,
     mask_box,
     normalized_to_pixels,
     pixels_to_normalized,
@@ -47,6 +48,11 @@ from .queries import (
     read_query,
 )
 from .records import GroundedObject
+
+# Two objects of one answer whose decoder boxes overlap this much are one object: the
+# one the model is surer is there stays (the tiny model names one object twice, "a large
+# yellow cup [0] and a medium yellow cup [1]", in half its grounded captions).
+DUPLICATE_IOU = 0.8
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 # Called after each generated token with the answer so far, the objects grounded so
@@ -258,7 +264,7 @@ class NextChatPredictor:
                 answers, hiddens = self._generate(frame, rows, temperature, top_p, logits_processor,
                                                   on_progress, stop)
             self._score_presence(frame, [(t, a) for t, a in zip(texts, answers) if not a.cancelled])
-            hiddens = [self._drop_absent(text, a, h, min_score) for text, a, h in zip(texts, answers, hiddens)]
+            hiddens = [self._keep_objects(text, a, h, min_score) for text, a, h in zip(texts, answers, hiddens)]
             self._sync()
             t1 = time.perf_counter()
             if masks:
@@ -426,13 +432,26 @@ class NextChatPredictor:
             for obj, p_yes in zip(chunk, logits[:, yes_no].softmax(-1)[:, 0].tolist()):
                 obj.trigger_score, obj.score = obj.score, p_yes
 
-    def _drop_absent(self, text: str, answer: Answer, hiddens: list[torch.Tensor],
-                     min_score: float) -> list[torch.Tensor]:
-        """Drop the objects scored below ``min_score``; returns the hidden states kept."""
-        keep = [obj.score >= min_score for obj in answer.objects]
+    def _keep_objects(self, text: str, answer: Answer, hiddens: list[torch.Tensor],
+                      min_score: float) -> list[torch.Tensor]:
+        """Drop the objects scored below ``min_score`` and the second of two at one box
+        (``DUPLICATE_IOU``; the higher score stays); returns the hidden states kept."""
+        objects = answer.objects
+        keep = [obj.score >= min_score for obj in objects]
+        repeats = [""] * len(objects)  # a dropped duplicate named as the object it repeats
+        kept: list[int] = []
+        # Higher score first; scores equal to 1e-4 (one name asked twice) keep the earlier
+        # object, whatever rounding a batched prefill adds.
+        for k in sorted(range(len(keep)), key=lambda k: (-round(objects[k].score, 4), k)):
+            same = [j for j in kept if box_iou(objects[k].box_normalized, objects[j].box_normalized) >= DUPLICATE_IOU]
+            if keep[k] and same:
+                keep[k] = False
+                repeats[k] = objects[k].phrase if objects[k].phrase == objects[same[0]].phrase else ""
+            elif keep[k]:
+                kept.append(k)
         if all(keep):
             return hiddens
-        rest = keep_references(answer.text, keep)
+        rest = keep_references(answer.text, keep, repeats)
         # Nothing left to say ("Answer: ." once its object is gone), or a grounding
         # question or instruction without its object: the object is not there.
         says_nothing = not re.sub(r"answer:|[\s.,;:!?]", "", rest, flags=re.I)
@@ -547,5 +566,5 @@ def load_predictor(model_dir: str | Path | None = None, backend: str = "torch", 
                              decoder=decoder, llm_precision=llm_precision)
 
 
-__all__ = ["DECODERS", "LLM_PRECISIONS", "MODES", "Answer", "GroundedObject", "NextChatPredictor", "ProgressCallback",
-           "load_predictor"]
+__all__ = ["DECODERS", "DUPLICATE_IOU", "LLM_PRECISIONS", "MODES", "Answer", "GroundedObject", "NextChatPredictor",
+           "ProgressCallback", "load_predictor"]

@@ -146,10 +146,17 @@ def absent_answer(phrase: str) -> str:
     return f"there is no {bare_phrase(phrase)}."
 
 
-def keep_references(text: str, keep: list[bool]) -> str:
+def keep_references(text: str, keep: list[bool], repeats: list[str] | None = None) -> str:
     """The answer text with the references of the objects not kept removed and the
     rest renumbered in order: keep [False, True] turns "a [0] and b [1]" into
-    "a and b [0]"."""
+    "a and b [0]". ``repeats``: per object, a phrase when a dropped object only
+    repeats a kept one's mention ("a cup [0] and a cup [1]" at one box): that mention
+    goes too, with its separator."""
+    for index, phrase in enumerate(repeats or []):
+        if phrase and not keep[index]:
+            mention = rf"{re.escape(phrase)} \[{index}\]"
+            shorter = re.sub(rf"(?:,\s*|\s+and\s+){mention}", "", text, count=1)
+            text = shorter if shorter != text else re.sub(rf"{mention}(?:,\s*|\s+and\s+)", "", text, count=1)
     numbers = {}
     for index, kept in enumerate(keep):
         if kept:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .images import box_iou
 from .records import GroundedObject
 from .synthetic.scenes import COLORS, KINDS
 
@@ -66,14 +67,6 @@ class Prediction:
         then also scored on these. None where the objects came from messages."""
         boxes = [o.decoder_box for o in self.objects]
         return boxes if all(b is not None for b in boxes) else None
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def first_box_iou(pred_boxes, true_boxes) -> float:

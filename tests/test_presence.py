@@ -108,3 +108,30 @@ def test_over_the_service_an_absent_target_is_ok_with_no_objects():
         service.close()
     assert outcome.status == Status.OK and outcome.objects == [] and outcome.instruction
     assert outcome.text in (f"there is no {color} {kind}.",) or "[" not in outcome.text, outcome.text
+
+
+def test_two_objects_at_one_box_are_one_object(shipped):
+    """The shipped model names each object of this scene twice ("a small orange bottle
+    [0], a small orange bottle [1], ..."): each pair is at one box; the answer keeps one
+    of each, and the text names each once."""
+    from nextchat_ros.images import box_iou, normalized_to_pixels
+    from nextchat_ros.predictor import DUPLICATE_IOU
+
+    scene = render_scene(3, height=240, width=320)
+    shipped.set_image(scene.image)
+    answer = shipped.ask("describe the image.")
+    decoded = [normalized_to_pixels(b, 240, 320) for b in answer.location_boxes]
+    assert len(decoded) == 4 and box_iou(decoded[0], decoded[1]) >= DUPLICATE_IOU  # what the model said
+    assert [o.phrase for o in answer.objects] == ["a small orange bottle", "a small blue cube"]
+    assert answer.text == "there is a small orange bottle [0], a small blue cube [1]."
+    boxes = [o.decoder_box for o in answer.objects]
+    assert box_iou(boxes[0], boxes[1]) < DUPLICATE_IOU
+
+
+def test_a_repeated_mention_goes_with_its_object():
+    text = "a cup [0], a cup [1] and a ball [2]."
+    assert keep_references(text, [False, True, True], ["a cup", "", ""]) == "a cup [0] and a ball [1]."
+    assert keep_references(text, [True, False, True], ["", "a cup", ""]) == "a cup [0] and a ball [1]."
+    # a different name for the same box stays in the text, without its reference
+    assert keep_references("a large cup [0] and a medium cup [1].", [True, False], ["", ""]) == \
+        "a large cup [0] and a medium cup."
