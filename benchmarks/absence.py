@@ -19,18 +19,15 @@ calibration error (10 equal-width bins) of the score read as P(right).
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-from common import model_parser
+from common import draw_scene, model_parser, write_json
 from tqdm import tqdm
 
 from nextchat_ros.commands.ground import predictor_from_args
 from nextchat_ros.options import DEFAULT_MIN_SCORE
 from nextchat_ros.queries import read_query
 from nextchat_ros.scoring import box_iou
-from nextchat_ros.synthetic.raycast import render_raycast
-from nextchat_ros.synthetic.scenes import COLORS, KINDS, render_scene
+from nextchat_ros.synthetic.scenes import COLORS, KINDS
 
 # Seeds far from any training stream's (those count up from 0 per split).
 SEED_OFFSET = 7_300_000
@@ -62,12 +59,6 @@ def ask(predictor, question):
     return predictor.ask(question, mode=read_query(question).mode, min_score=0.0, masks=False)
 
 
-def draw(renderer: str, seed: int):
-    if renderer == "raycast":
-        return render_raycast(seed, height=240, width=320)
-    return render_scene(seed, height=240, width=320, photo_probability=0.0)
-
-
 def main(argv=None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--num-scenes", type=int, default=200, help="scenes, three questions each (default 200)")
@@ -80,7 +71,7 @@ def main(argv=None) -> None:
     refused = {"present where": [], "absent where": [], "absent pick up": []}
     scores, right = [], []
     for k in tqdm(range(args.num_scenes), desc="absence", unit="scene"):
-        scene = draw(args.renderer, SEED_OFFSET + k)
+        scene = draw_scene(args.renderer, SEED_OFFSET + k)
         predictor.set_image(scene.image)
         there = {(o.color, o.kind) for o in scene.objects}
         # A present target the colour + kind name uniquely.
@@ -119,9 +110,7 @@ def main(argv=None) -> None:
     print(f"score: AUROC {figures['score_auroc_right_vs_wrong_or_absent']:.3f}, "
           f"ECE {figures['score_expected_calibration_error']:.3f}, lowest {figures['score_min']:.4f} "
           f"over {figures['scored_objects']} objects")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(figures, out, indent=2)
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,12 @@ answer decoded (``Answer.location_boxes``: what it returned before merging).
 
 from __future__ import annotations
 
-import json
-
-from common import model_parser
+from common import draw_scene, model_parser, write_json
 from tqdm import tqdm
 
 from nextchat_ros.commands.ground import predictor_from_args
 from nextchat_ros.images import box_iou, normalized_to_pixels
 from nextchat_ros.predictor import DUPLICATE_IOU
-from nextchat_ros.synthetic.raycast import render_raycast
-from nextchat_ros.synthetic.scenes import render_scene
 
 SEED_OFFSET = 7_500_000
 
@@ -48,8 +44,7 @@ def main(argv=None) -> None:
     truths = 0
     for k in tqdm(range(args.num_scenes), desc="captions", unit="scene"):
         seed = SEED_OFFSET + k
-        scene = (render_raycast(seed, height=240, width=320) if args.renderer == "raycast"
-                 else render_scene(seed, height=240, width=320, photo_probability=0.0))
+        scene = draw_scene(args.renderer, seed)
         predictor.set_image(scene.image)
         answer = predictor.ask("describe the image.", masks=False)
         h, w = scene.image.shape[:2]
@@ -72,9 +67,7 @@ def main(argv=None) -> None:
         print(f"{name:>9}: duplicate boxes in {figures[name]['duplicate_box_answers']:.3f} of answers, "
               f"object recall {figures[name]['object_recall@0.5']:.3f}, "
               f"precision {figures[name]['object_precision@0.5']:.3f} ({t['boxes']} boxes)")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(figures, out, indent=2)
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from nextchat_ros.commands.ground import add_model_arguments
 
@@ -13,3 +14,22 @@ def model_parser(doc: str) -> argparse.ArgumentParser:
     add_model_arguments(parser)  # --model, --device, --backend, ... as every command takes them
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return parser
+
+
+def draw_scene(renderer: str, seed: int):
+    """A held-out scene of ``renderer`` (tabletop: the project's, no photo background;
+    raycast: the renderer no training run sees), 320x240."""
+    if renderer == "raycast":
+        from nextchat_ros.synthetic.raycast import render_raycast
+
+        return render_raycast(seed, height=240, width=320)
+    from nextchat_ros.synthetic.scenes import render_scene
+
+    return render_scene(seed, height=240, width=320, photo_probability=0.0)
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    """``--json``: the figures, as a file."""
+    if path:
+        with open(path, "w") as out:
+            json.dump(figures, out, indent=2)
