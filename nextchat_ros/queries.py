@@ -22,8 +22,9 @@ LOCATE_VERBS = ("where's", "where is", "where are", "find", "locate", "point to"
 # Instructions to act on an object: the first object of the answer is the target.
 INSTRUCTION_VERBS = ("pick up", "pick", "grab", "grasp", "take", "put", "place", "move", "push", "bring", "fetch",
                      "hand me", "go to", "reach")
-# Words before an object's name in a query, dropped from the phrase of a ground-mode answer.
-_QUERY_LEAD_VERBS = (*LOCATE_VERBS, "show", "ground", "give me", "look at", "pick up", "grab", "is there",
+# Words before an object's name in a query, dropped from the phrase of a ground-mode
+# answer (and from the name an instruction's target is scored by).
+_QUERY_LEAD_VERBS = (*LOCATE_VERBS, *INSTRUCTION_VERBS, "show", "ground", "give me", "look at", "is there",
                      "are there")
 # Words after an object's name in a query that are not part of it.
 _QUERY_TAIL = re.compile(r"\s+(?:in|on) (?:the|this) (?:image|picture|photo|view|scene)$", re.I)
