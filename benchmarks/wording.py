@@ -5,14 +5,18 @@ the same box as the template wording.
     .venv/bin/python benchmarks/wording.py [--model DIR] [model options: --help] [--num-samples 300] [--json out.json]
 
 The questions are the synthetic held-out split's REC questions (the template
-wording, e.g. "where is the red cube?"); each variant rewrites only their case,
-spacing or punctuation, so a model that reads text the way a person means it
-scores the same on all of them.
+wording, e.g. "where is the red cube?"). The first variants rewrite only their
+case, spacing or punctuation, so a model that reads text the way a person means
+it scores the same on all of them. Then everyday names of the kinds ("block",
+"sphere", "mug", "tube", "donut", "flask": in the shipped model's synonym list, so
+met by construction), and operator phrasings no template produces (held out): a
+bare noun phrase, a polite request, "where's", "i need ...".
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 from common import model_parser
@@ -23,13 +27,26 @@ from nextchat_ros.queries import read_query
 from nextchat_ros.scoring import box_iou
 from nextchat_ros.synthetic.samples import SyntheticTabletop
 
+EVERYDAY = {"cube": "block", "ball": "sphere", "cup": "mug", "cylinder": "tube", "ring": "donut", "bottle": "flask"}
+
+
+def everyday_names(q: str) -> str:
+    return re.sub(r"\b(" + "|".join(EVERYDAY) + r")\b", lambda m: EVERYDAY[m.group(1)], q)
+
+
+# Each variant: (template question, its referring expression) -> what is typed.
 VARIANTS = {
-    "template": lambda q: q,
-    "UPPER CASE": lambda q: q.upper(),
-    "Capitalised": lambda q: q[:1].upper() + q[1:],
-    "no final mark": lambda q: q.rstrip("?.!"),
-    "UPPER, no final mark": lambda q: q.upper().rstrip("?.!"),
-    "extra spaces": lambda q: "  " + "   ".join(q.split()) + "  ",
+    "template": lambda q, ref: q,
+    "UPPER CASE": lambda q, ref: q.upper(),
+    "Capitalised": lambda q, ref: q[:1].upper() + q[1:],
+    "no final mark": lambda q, ref: q.rstrip("?.!"),
+    "UPPER, no final mark": lambda q, ref: q.upper().rstrip("?.!"),
+    "extra spaces": lambda q, ref: "  " + "   ".join(q.split()) + "  ",
+    "everyday names (synonym list)": lambda q, ref: everyday_names(q),
+    "bare noun phrase (held out)": lambda q, ref: f"the {ref}",
+    "polite request (held out)": lambda q, ref: f"Could you please find the {ref} for me?",
+    "where's (held out)": lambda q, ref: f"where's the {ref}?",
+    "i need (held out)": lambda q, ref: f"I need the {ref}.",
 }
 
 
@@ -48,7 +65,7 @@ def main(argv=None) -> None:
         truth = sample.answer_objects[0].box
         boxes = {}
         for name, rewrite in VARIANTS.items():
-            question = rewrite(sample.question)
+            question = rewrite(sample.question, sample.truth["expression"])
             answer = predictor.ask(question, mode=read_query(question).mode)
             box = answer.objects[0].box if answer.objects else None
             boxes[name] = box
@@ -58,9 +75,9 @@ def main(argv=None) -> None:
             same[name].append(box is not None and reference is not None and np.allclose(box, reference, atol=1e-3))
     figures = {name: {"rec_acc@0.5": float(np.mean(hits[name])), "same_box_as_template": float(np.mean(same[name]))}
                for name in VARIANTS}
-    print(f"{'wording':<24}{'REC Acc@0.5':>12}{'same box':>10}   ({args.num_samples} held-out questions)")
+    print(f"{'wording':<32}{'REC Acc@0.5':>12}{'same box':>10}   ({args.num_samples} held-out questions)")
     for name, f in figures.items():
-        print(f"{name:<24}{f['rec_acc@0.5']:>12.3f}{f['same_box_as_template']:>10.3f}")
+        print(f"{name:<32}{f['rec_acc@0.5']:>12.3f}{f['same_box_as_template']:>10.3f}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"num_samples": args.num_samples, "variants": figures}, out, indent=2)

@@ -46,6 +46,7 @@ from .queries import (
     phrase_from_query,
     presence_question,
     read_query,
+    use_vocabulary,
 )
 from .records import GroundedObject
 
@@ -191,7 +192,8 @@ class NextChatPredictor:
         """Answer ``query`` about the current image.
 
         The query is read as ``queries.normalize_query`` writes it (case, spacing and a
-        closing mark do not change the answer).
+        closing mark do not change the answer), in the model's own words
+        (``config.synonyms``: "block" is read as "cube" by the tiny model).
         regions: user boxes in pixels (x1, y1, x2, y2), referred to as [0], [1], ...
         mode: ``generate`` (free generation, greedy unless temperature > 0) or
         ``ground`` (the fixed answer ``Answer: <trigger>``: one forward, one box).
@@ -231,13 +233,16 @@ class NextChatPredictor:
         if len(queries) != 1 and (on_progress is not None or stop is not None):
             raise QueryError("on_progress and stop apply to one query at a time")
         specs = [(q, None) if isinstance(q, str) else tuple(q) for q in queries]
+        # The model is asked in its own words; phrases keep the user's.
         texts = [normalize_query(text) for text, _ in specs]
         with self._lock:
             frame = self._frame
             if frame is None:
                 raise ImageError("no image is set; call set_image() first")
             regions = [validate_regions(r, frame.height, frame.width) for _, r in specs]
-            questions = [self.model.prompt.question(t, len(r)) for t, r in zip(texts, regions)]
+            synonyms = self.model.config.synonyms
+            questions = [self.model.prompt.question(use_vocabulary(t, synonyms), len(r))
+                         for t, r in zip(texts, regions)]
             answers = []
             step = self.decoder.max_rows
             for first in range(0, len(specs), step):
@@ -412,7 +417,8 @@ class NextChatPredictor:
         for text, answer in answered:
             instruction = read_query(text).instruction
             for k, obj in enumerate(answer.objects):
-                question = presence_question(phrase_from_query(text) if instruction and k == 0 else obj.phrase)
+                name = phrase_from_query(text) if instruction and k == 0 else obj.phrase
+                question = presence_question(use_vocabulary(name, self.model.config.synonyms))
                 if question is None:  # "the leftmost object": there is one; the trigger's score stays
                     obj.trigger_score = obj.score
                     continue

@@ -49,21 +49,47 @@ _QUESTION_START = re.compile(r"^(?:where|what|which|who|whose|how|is|are|was|wer
                              r"should|has|have)\b")
 
 
+# "could you please find ... for me?": the courtesy around a request, and the verbs
+# that make what is left a request of its own.
+_COURTESY_LEAD = re.compile(r"^(?:(?:please|kindly|hey|ok|okay),?\s+|(?:could|can|would|will) you\s+(?:please\s+)?"
+                            r"|i(?:'d| would) like you to\s+)+")
+_COURTESY_TAIL = re.compile(r"(?:\s+for me|,?\s+please)+(?=\s*[.?!]?$)")
+_REQUEST_VERBS = (*LOCATE_VERBS, *INSTRUCTION_VERBS, "show", "tell me", "describe", "count")
+_REQUEST_VERB = re.compile(rf"^(?:{_alternatives(_REQUEST_VERBS)})\b")
+
+
 def normalize_query(text: str) -> str:
-    """The text as the model was taught to read it: lower case, single spaces, and a
-    closing "?" (a question) or "." (anything else) when it has no closing mark.
+    """The text as the model was taught to read it: lower case, single spaces, no
+    courtesy words around a request, and a closing "?" (a question) or "." (anything
+    else) when it has no closing mark.
 
     The tokenizer is case-sensitive and the model only ever saw lower-case, punctuated
-    questions, so "WHERE IS THE RED CUBE" has to reach it as "where is the red cube?".
+    questions, so "WHERE IS THE RED CUBE" has to reach it as "where is the red cube?",
+    and "Could you please find the cup for me?" as "find the cup." (the words carry no
+    request of their own; the tiny model answered such requests right a third as often).
     Region references ([0]) and typed special-token strings stay plain text. Anything
     that is not a string is returned as it is (the prompt refuses it with a sentence).
     """
     if not isinstance(text, str):
         return text
     text = _SPACES.sub(" ", text).strip().lower()
+    plain = _COURTESY_TAIL.sub("", _COURTESY_LEAD.sub("", text)).strip()
+    if plain != text and (_REQUEST_VERB.match(plain) or _QUESTION_START.match(plain)):
+        # What is left is a request (closed with ".") or a question (as asked).
+        text = plain if _QUESTION_START.match(plain) else plain.rstrip("?").rstrip()
     if text and text[-1] not in ".?!":
         text += "?" if _QUESTION_START.match(text) else "."
     return text
+
+
+def use_vocabulary(text: str, synonyms: dict[str, str]) -> str:
+    """The normalised query in the model's own words: each whole word that
+    ``synonyms`` lists is replaced ("the red block" -> "the red cube" for a model
+    taught "cube"). Region references and punctuation are untouched."""
+    if not synonyms or not isinstance(text, str):
+        return text
+    # Not inside a typed special-token string ("<boxes>" stays as typed).
+    return re.sub(r"(?<![<\w])[a-z]+(?![\w>])", lambda m: synonyms.get(m.group(0), m.group(0)), text)
 
 
 @dataclass(frozen=True)

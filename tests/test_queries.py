@@ -59,3 +59,43 @@ def test_the_phrase_before_a_trigger_in_an_answer():
 def test_queries_are_normalized_before_the_model_reads_them(typed, normalized):
     assert normalize_query(typed) == normalized
     assert normalize_query(normalized) == normalized  # once is enough
+
+
+def test_everyday_names_are_read_in_the_models_own_words():
+    from nextchat_ros.model.config import TINY_SYNONYMS, NextChatConfig, tiny_config
+    from nextchat_ros.queries import use_vocabulary
+
+    assert use_vocabulary("where is the red block?", TINY_SYNONYMS) == "where is the red cube?"
+    assert use_vocabulary("can you find the mugs left of [0]?", TINY_SYNONYMS) == "can you find the cups left of [0]?"
+    assert use_vocabulary("where is the blockade?", TINY_SYNONYMS) == "where is the blockade?"  # whole words only
+    assert use_vocabulary("where is the red block?", {}) == "where is the red block?"
+    config = tiny_config()
+    assert NextChatConfig.from_dict(config.to_dict()).synonyms == TINY_SYNONYMS
+    assert NextChatConfig().synonyms == {}  # the released model reads open English
+
+
+def test_the_shipped_model_reads_a_block_as_the_cube_it_was_taught():
+    """Asked in its own words, named in the user's."""
+    from nextchat_ros.predictor import load_predictor
+    from nextchat_ros.synthetic.scenes import render_scene
+
+    predictor = load_predictor()
+    predictor.set_image(render_scene(3, height=240, width=320).image)
+    cube = predictor.ask("where is the blue cube?", mode="ground", masks=False)
+    block = predictor.ask("Where is the BLUE block", mode="ground", masks=False)
+    assert (cube.text, block.text) == ("the blue cube [0]", "the blue block [0]")  # the user's words
+    assert block.objects[0].box.tolist() == cube.objects[0].box.tolist()
+    assert block.objects[0].score == cube.objects[0].score  # scored in the model's words
+
+
+@pytest.mark.parametrize("typed,read", [
+    ("Could you please find the red cube for me?", "find the red cube."),
+    ("can you pick up the cup please", "pick up the cup."),
+    ("Would you grab the ball, please?", "grab the ball."),
+    ("please describe the image", "describe the image."),
+    ("Can you see a cup?", "can you see a cup?"),  # a question, not a request: kept as asked
+    ("please", "please."),
+    ("Please, where is the cup?", "where is the cup?"),
+])
+def test_courtesy_around_a_request_is_not_part_of_it(typed, read):
+    assert normalize_query(typed) == read

@@ -130,6 +130,11 @@ class NextChatConfig:
     # Longest user text, in characters and in tokens.
     max_query_chars: int = 2000
     max_query_tokens: int = 256
+    # Words a person uses -> the word the model was taught, replaced as whole words in
+    # the normalised query before tokenising (``queries.use_vocabulary``). The released
+    # model read open English and needs none; a model taught a closed vocabulary
+    # (the tiny preset's six kinds) lists the everyday names of its things here.
+    synonyms: dict[str, str] = field(default_factory=dict)
 
     # --- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +194,19 @@ def _dataclass_from_dict(klass, value: dict[str, Any], where: str):
 
 # --- presets ------------------------------------------------------------------------
 
+# Everyday names of the tiny preset's kinds and colours (synthetic/scenes.py), singular
+# and plural. Not "can" (a verb in "can you find ...").
+TINY_SYNONYMS = {
+    "block": "cube", "blocks": "cubes", "box": "cube", "boxes": "cubes", "dice": "cube",
+    "sphere": "ball", "spheres": "balls", "orb": "ball",
+    "mug": "cup", "mugs": "cups", "glass": "cup", "glasses": "cups",
+    "tube": "cylinder", "tubes": "cylinders", "pillar": "cylinder",
+    "donut": "ring", "donuts": "rings", "doughnut": "ring", "doughnuts": "rings", "torus": "ring", "hoop": "ring",
+    "flask": "bottle", "flasks": "bottles",
+    "violet": "purple", "grey": "black", "gray": "black",
+}
+
+
 def tiny_config() -> NextChatConfig:
     """Small enough to train from scratch on 2 CPU cores (the shipped default)."""
     return NextChatConfig(
@@ -214,6 +232,7 @@ def tiny_config() -> NextChatConfig:
         region_features=True,
         system_prompt="A robot asks about its camera image.",
         max_query_tokens=128,
+        synonyms=dict(TINY_SYNONYMS),
     )
 
 
