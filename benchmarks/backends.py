@@ -12,29 +12,15 @@ preset's shapes (--preset full for the released model's shapes, random weights).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import median_ms
 
 from nextchat_ros.backends import OnnxRuntimeBackend, TorchBackend
 from nextchat_ros.model import build_model, load_pretrained
 from nextchat_ros.model.build import DEFAULT_MODEL_DIR
-
-
-def median_ms(fn, args, repeats: int, sync=lambda: None) -> float:
-    fn(*args)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
 
 # part -> the backend method that runs it
 METHODS = {"vision": "vision", "sam_encoder": "sam_encoder", "mask": "masks"}

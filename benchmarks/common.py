@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 from nextchat_ros.commands.ground import add_model_arguments
 
@@ -33,3 +35,18 @@ def write_json(path: str | None, figures: dict) -> None:
     if path:
         with open(path, "w") as out:
             json.dump(figures, out, indent=2)
+
+
+def median_ms(fn, args=(), repeats: int = 10, sync=lambda: None, warmup: int = 1) -> float:
+    """Median wall time of ``fn(*args)`` in ms over ``repeats`` calls, after ``warmup``;
+    ``sync`` (e.g. torch.cuda.synchronize) ends each call so device work is counted."""
+    for _ in range(warmup):
+        fn(*args)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

@@ -22,11 +22,11 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import time
 
 import numpy as np
 import torch
+from common import median_ms
 
 from nextchat_ros.model import build_model
 from nextchat_ros.model.build import DEFAULT_MODEL_DIR
@@ -74,17 +74,8 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def median_ms(self, fn, warmup: int = 2) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            self.sync()
-            t0 = time.perf_counter()
-            fn()
-            self.sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+    def median_ms(self, fn) -> float:
+        return median_ms(fn, (), self.repeats, self.sync, warmup=2)
 
 
 @torch.inference_mode()

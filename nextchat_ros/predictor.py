@@ -140,6 +140,8 @@ class NextChatPredictor:
         for token_id in tok.special_ids - {tok.eos_id, tok.trigger_id}:
             banned[token_id] = True
         self._banned = banned.to(self.device)
+        # How the model's yes/no answers start: what a presence score compares.
+        self._yes_no = [tok.encode(" yes")[0], tok.encode(" no")[0]]
 
     def _make_decoder(self, decoder: str, precision: str, cuda_graphs: bool | None, max_batch: int):
         llm = self.model.llm
@@ -268,8 +270,9 @@ class NextChatPredictor:
                         for k, (t, q, r) in enumerate(zip(texts, questions, regions))]
                 answers, hiddens = self._generate(frame, rows, temperature, top_p, logits_processor,
                                                   on_progress, stop)
-            self._score_presence(frame, [(t, a) for t, a in zip(texts, answers) if not a.cancelled])
-            hiddens = [self._keep_objects(text, a, h, min_score) for text, a, h in zip(texts, answers, hiddens)]
+            instructions = [read_query(t).instruction for t in texts]
+            self._score_presence(frame, [(t, i, a) for t, i, a in zip(texts, instructions, answers) if not a.cancelled])
+            hiddens = [self._keep_objects(a, h, min_score, i) for a, h, i in zip(answers, hiddens, instructions)]
             self._sync()
             t1 = time.perf_counter()
             if masks:
@@ -408,26 +411,23 @@ class NextChatPredictor:
             row.loc_boxes.append(boxes[k])
             row.pieces.append([])
 
-    def _score_presence(self, frame: _Frame, answered: list[tuple[str, Answer]]) -> None:
+    def _score_presence(self, frame: _Frame, answered: list[tuple[str, bool, Answer]]) -> None:
         """Each object's score: the model's P(yes) to ``queries.presence_question`` about
         its phrase on this frame (yes against no, the two ways such answers start),
         the questions of a batch in one prefill. An instruction's target is asked about
         by the name the query gives it: the answer may have picked another object."""
         objects, questions = [], []
-        for text, answer in answered:
-            instruction = read_query(text).instruction
+        for text, instruction, answer in answered:
             for k, obj in enumerate(answer.objects):
                 name = phrase_from_query(text) if instruction and k == 0 else obj.phrase
                 question = presence_question(use_vocabulary(name, self.model.config.synonyms))
                 if question is None:  # "the leftmost object": there is one; the trigger's score stays
-                    obj.trigger_score = obj.score
                     continue
                 objects.append(obj)
                 questions.append(question)
         if not objects:
             return
-        tok, prompt = self.model.tokenizer, self.model.prompt
-        yes_no = [tok.encode(" yes")[0], tok.encode(" no")[0]]
+        prompt = self.model.prompt
         no_regions = torch.zeros(0, 4, device=self.device, dtype=self.model.dtype)
         for first in range(0, len(objects), self.decoder.max_rows):
             chunk = objects[first:first + self.decoder.max_rows]
@@ -435,11 +435,11 @@ class NextChatPredictor:
             hidden = self.decoder.prefill([self._embed_query(frame, i, no_regions) for i in ids])
             self.decoder.end()
             logits = self._logits(torch.stack([h[-1] for h in hidden])).float()
-            for obj, p_yes in zip(chunk, logits[:, yes_no].softmax(-1)[:, 0].tolist()):
-                obj.trigger_score, obj.score = obj.score, p_yes
+            for obj, p_yes in zip(chunk, logits[:, self._yes_no].softmax(-1)[:, 0].tolist()):
+                obj.score = p_yes
 
-    def _keep_objects(self, text: str, answer: Answer, hiddens: list[torch.Tensor],
-                      min_score: float) -> list[torch.Tensor]:
+    def _keep_objects(self, answer: Answer, hiddens: list[torch.Tensor], min_score: float,
+                      instruction: bool) -> list[torch.Tensor]:
         """Drop the objects scored below ``min_score`` and the second of two at one box
         (``DUPLICATE_IOU``; the higher score stays); returns the hidden states kept."""
         objects = answer.objects
@@ -461,12 +461,12 @@ class NextChatPredictor:
         # Nothing left to say ("Answer: ." once its object is gone), or a grounding
         # question or instruction without its object: the object is not there.
         says_nothing = not re.sub(r"answer:|[\s.,;:!?]", "", rest, flags=re.I)
-        if not any(keep) and (answer.mode == "ground" or read_query(text).instruction or says_nothing):
+        if not any(keep) and (answer.mode == "ground" or instruction or says_nothing):
             answer.text = absent_answer(answer.objects[0].phrase)
         else:
             answer.text = rest
-        answer.objects = [obj for obj, kept in zip(answer.objects, keep) if kept]
-        return [h for h, kept in zip(hiddens, keep) if kept]
+        answer.objects = [obj for obj, k in zip(answer.objects, keep) if k]
+        return [h for h, k in zip(hiddens, keep) if k]
 
     def _pick_rows(self, logits, rows, picking, temperature, top_p, logits_processor) -> dict[int, int]:
         """The next token of each picking row: greedy over the batch in one host sync,
@@ -505,8 +505,9 @@ class NextChatPredictor:
     def _make_object(self, frame, phrase, box, score) -> GroundedObject:
         normalized = box.float().cpu().numpy()
         pixels = normalized_to_pixels(normalized, frame.height, frame.width)
+        # The score is the trigger's until _score_presence asks whether the object is there.
         return GroundedObject(phrase=phrase, box=pixels.copy(), score=float(score), decoder_box=pixels,
-                              box_normalized=normalized)
+                              box_normalized=normalized, trigger_score=float(score))
 
     def _add_masks(self, frame: _Frame, answered: list[tuple[Answer, list[torch.Tensor]]]) -> None:
         """Each object's mask from SAM, prompted by its box and its trigger's hidden

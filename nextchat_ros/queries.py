@@ -74,9 +74,11 @@ def normalize_query(text: str) -> str:
         return text
     text = _SPACES.sub(" ", text).strip().lower()
     plain = _COURTESY_TAIL.sub("", _COURTESY_LEAD.sub("", text)).strip()
-    if plain != text and (_REQUEST_VERB.match(plain) or _QUESTION_START.match(plain)):
-        # What is left is a request (closed with ".") or a question (as asked).
-        text = plain if _QUESTION_START.match(plain) else plain.rstrip("?").rstrip()
+    if plain != text:  # what is left is a question (as asked) or a request (closed with ".")
+        if _QUESTION_START.match(plain):
+            text = plain
+        elif _REQUEST_VERB.match(plain):
+            text = plain.rstrip("?").rstrip()
     if text and text[-1] not in ".?!":
         text += "?" if _QUESTION_START.match(text) else "."
     return text
@@ -129,7 +131,9 @@ def phrase_from_answer(text: str) -> str:
 
 
 _ARTICLE = re.compile(r"^(?:the|a|an|this|that)\s+", re.I)
-_REFERENCE = re.compile(r" ?\[(\d{1,3})\]")
+# "[3]" with at most one space before it (the space belongs to the reference): a user
+# region in a question, an object in an answer (model/prompt.py reads them with it too).
+REFERENCE = re.compile(r" ?\[(\d{1,3})\]")
 
 
 def bare_phrase(phrase: str) -> str:
@@ -151,7 +155,7 @@ def presence_name(phrase: str) -> str:
     its relations to others or the words that pick one of several: "the large red
     cube left of the ball" -> "red cube". "" when only a generic word is left
     ("the leftmost object": every scene has one)."""
-    name = _REFERENCE.sub("", phrase)
+    name = REFERENCE.sub("", phrase)
     name = _SELECTORS.sub("", _RELATION.sub("", bare_phrase(name))).strip()
     name = bare_phrase(_SPACES.sub(" ", name))
     return "" if not name or name.lower() in GENERIC_NAMES else name[:80]
@@ -192,4 +196,4 @@ def keep_references(text: str, keep: list[bool], repeats: list[str] | None = Non
     def renumber(match: re.Match) -> str:
         index = int(match.group(1))
         return f" [{numbers[index]}]" if index in numbers else ""
-    return _REFERENCE.sub(renumber, text)
+    return REFERENCE.sub(renumber, text)

@@ -203,10 +203,7 @@ class GroundingService:
                     closing = True
                     break
                 batch.append(waiting)
-            if len(batch) == 1:
-                self._finish(self._answer(request))
-            else:
-                self._answer_batch(batch)
+            self._answer_batch(batch)
             if closing:
                 return
 

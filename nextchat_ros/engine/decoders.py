@@ -24,7 +24,6 @@ from .static_llama import StaticLlama
 
 
 class EagerDecoder:
-    name = "eager"
     max_rows = 1
 
     def __init__(self, llm):
@@ -63,8 +62,6 @@ class EagerDecoder:
 class StaticDecoder:
     """The engine's decoder. ``cuda_graphs``: capture the decode step once per batch
     size and replay it (CUDA only; the step then reads the whole cache, masked)."""
-
-    name = "engine"
 
     def __init__(self, llm, context: int, max_rows: int = 8, cuda_graphs: bool = False):
         self.llama = StaticLlama(llm.model, context)

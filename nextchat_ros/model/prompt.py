@@ -15,15 +15,13 @@ is decoded into box k, and the location token carries that box back in.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from ..errors import QueryError
+from ..queries import REFERENCE
 from .config import NextChatConfig
 from .tokenizer import TextTokenizer
 
-# "[3]" with at most one space before it (the space belongs to the reference).
-REFERENCE = re.compile(r" ?\[(\d{1,3})\]")
 GROUNDING_ANSWER = "Answer:"
 
 
