@@ -43,6 +43,7 @@ from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
@@ -76,6 +77,8 @@ IMAGE_QOS = ("sensor_data", "reliable")
 SERVICE_TIMEOUT_S = 120.0
 # Teardown normally takes 10-200 ms; ros2 launch sends SIGTERM 5 s after SIGINT, then SIGKILL.
 SHUTDOWN_GRACE_S = 4.0
+# How often the spin loop looks at its stop flag (a signal's Python handler runs between calls).
+SPIN_PERIOD_S = 0.1
 
 
 @dataclass
@@ -218,8 +221,11 @@ def run(argv: list[str] | None = None) -> int:
     finished SHUTDOWN_GRACE_S after it starts, faulthandler's watchdog (a C thread, so it
     runs even while the stuck call holds the GIL) writes every thread's stack to stderr
     and exits with status 1."""
+    stop = _StopOnSignal()
     try:
-        rclpy.init(args=argv if argv is not None else sys.argv)
+        # Our own signal handlers, not rclpy's: those shut the context down at once, and
+        # the result of a query in flight could then no longer be published.
+        rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     except _rclpy.RCLError as exc:  # e.g. a params file that is missing or not YAML
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = re.sub(r", at \S+:\d+", "", first)  # rcl's source locations say nothing to a user
@@ -240,22 +246,18 @@ def run(argv: list[str] | None = None) -> int:
         # #1547): holding the GIL, it stalled the worker for seconds per query.
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        stop.spinning = True
+        while not stop.requested.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=SPIN_PERIOD_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except _rclpy.RCLError:
-        # rclpy's SIGINT handler can shut the context down while spin() builds its next
-        # wait set ("failed to initialize wait set: the given context is not valid"; seen
-        # in 1 of ~25 Ctrl-C runs under load): that is the shutdown, not an error.
-        if rclpy.ok():
-            raise
     finally:
         # A terminal's Ctrl-C reaches the node twice (from the terminal to the whole
         # process group, and again from ros2 launch); the second must not interrupt
         # the teardown. Bounded all the same: the watchdog below, and launch's SIGTERM.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if node is not None:
-            node.close()  # queued queries get their result; an in-flight one finishes
+            node.close()  # queued queries get their result; the ones in flight finish and are published
         faulthandler.dump_traceback_later(SHUTDOWN_GRACE_S, exit=True)
         if executor is not None:
             executor.shutdown()
@@ -267,6 +269,22 @@ def run(argv: list[str] | None = None) -> int:
         faulthandler.cancel_dump_traceback_later()
     return 0
 
+
+class _StopOnSignal:
+    """SIGINT and SIGTERM end the spin loop with the ROS context still up, so the
+    teardown can answer and publish every query in flight. Before the loop runs (the
+    model is loading) a signal raises KeyboardInterrupt, as Python's own handler does."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.spinning = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self)
+
+    def __call__(self, signum, frame) -> None:
+        self.requested.set()
+        if not self.spinning:
+            raise KeyboardInterrupt
 
 
 class _Serving:
@@ -483,8 +501,8 @@ class _Serving:
         except _rclpy.RCLError as exc:
             if rclpy.ok():
                 raise
-            # rclpy's SIGINT handler shuts the context down at once, so the result of a
-            # query that was in flight at Ctrl-C can no longer be sent.
+            # run() shuts the context down only after the service has closed; should
+            # something else in this process shut it down first, the result cannot be sent.
             self.get_logger().warning(f"result of query {outcome.request.query_id!r} not published: the node "
                                       f"is shutting down ({str(exc).split(',')[0]})")
         return result

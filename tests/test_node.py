@@ -366,12 +366,27 @@ def test_diagnostics_report_the_queue_and_the_camera_rate(client):
     assert any(float(v["camera_frames_per_second"]) > 0 for v in seen)
 
 
-def test_sigint_shuts_down_cleanly(node):
-    """Exit status 0, no traceback, and gone before ros2 launch would escalate to SIGTERM
-    (the interpreter's own teardown alone took 1-5 s before main() skipped it)."""
+def test_sigint_answers_the_queries_in_flight_and_shuts_down_cleanly(node):
+    """Every query sent before Ctrl-C gets its one result: answered if the node was at
+    it, refused (shutting down) if it was still queued. rclpy's own SIGINT handler shut
+    the ROS context down at once, and the results in flight were lost. Then exit status
+    0, no traceback, and gone before ros2 launch would escalate to SIGTERM (the
+    interpreter's own teardown alone took 1-5 s before main() skipped it)."""
     process, client = node
-    client.close()
+    client.publish_frame(image_msg(render_scene(7, height=240, width=320).image, time.time_ns()))
+    ids = [f"last-{k}" for k in range(6)]
+    for qid in ids:
+        client.query_pub.publish(Query(id=qid, text="describe the image."))
+    time.sleep(0.3)  # the node is answering the first ones
     status, out, seconds = stop_node(process)
+    try:
+        results = [client.wait_result(lambda r, q=qid: r.query_id == q, timeout=10.0) for qid in ids]
+    finally:
+        client.close()
+    for result in results:
+        assert result.status == OK or (result.status == GroundingResult.STATUS_INTERNAL_ERROR
+                                       and "shutting down" in result.error), (result.status, result.error)
+    assert any(r.status == OK for r in results), [r.error for r in results]
     assert status == 0, out[-3000:]
     assert "Traceback" not in out and "Timeout" not in out, out[-3000:]
     assert seconds < LAUNCH_SIGTERM_AFTER_S, f"{seconds:.1f} s from SIGINT to exit"
