@@ -52,7 +52,10 @@ class Request:
     regions: list = field(default_factory=list)  # pixel xyxy boxes, [k] in the text
     stamp_ns: int = 0  # 0 = the newest frame
     mode: str = ""  # auto | generate | ground; "" = the service's default_mode
-    frame: Frame | None = None  # an explicit image (the service call), else the camera's
+    # The frame to answer about: an explicit image (the service call), or the buffered
+    # camera frame the stamp names, pinned here as soon as it is buffered so that newer
+    # frames cannot push it out of the buffer while the request waits in the queue.
+    frame: Frame | None = None
     received: float | None = None  # the service's clock; set by submit when None
     done: Callable[[Outcome], None] | None = None
     # Streamed answers (the node's Ask action): called after each generated token with
@@ -125,6 +128,7 @@ class GroundingService:
         self._frames: deque[Frame] = deque(maxlen=frame_buffer)
         self._frames_lock = threading.Lock()
         self._frame_added = threading.Condition(self._frames_lock)
+        self._awaiting: dict[int, list[Request]] = {}  # queued requests naming a frame not yet buffered
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=queue_size)
         self._encoded_key: int | None = None
         self.counts = {"frames": 0, "queries": 0, "ok": 0, "refused": 0, "cancelled": 0, "errors": 0}
@@ -138,6 +142,8 @@ class GroundingService:
             frame.received = self.clock()
         with self._frame_added:
             self._frames.append(frame)
+            for request in self._awaiting.pop(frame.stamp_ns, []) if frame.stamp_ns else []:
+                request.frame = frame
             self._frame_added.notify_all()
         self.counts["frames"] += 1
 
@@ -147,13 +153,33 @@ class GroundingService:
         self.counts["queries"] += 1
         if request.received is None:
             request.received = self.clock()
+        awaiting = request.stamp_ns and request.frame is None
+        if awaiting:
+            self._pin_frame(request)
         try:
             self._queue.put_nowait(request)
             return True
         except queue.Full:
+            if awaiting:
+                self._unpin(request)
             self._finish(Outcome(request, Status.OVERLOADED,
                                  f"the node is busy: {self._queue.maxsize} queries are waiting; ask again later"))
             return False
+
+    def _pin_frame(self, request: Request) -> None:
+        """Attach the buffered frame the request names, or await it (add_frame attaches it)."""
+        with self._frames_lock:
+            request.frame = next((f for f in reversed(self._frames) if f.stamp_ns == request.stamp_ns), None)
+            if request.frame is None:
+                self._awaiting.setdefault(request.stamp_ns, []).append(request)
+
+    def _unpin(self, request: Request) -> None:
+        with self._frames_lock:
+            waiting = self._awaiting.get(request.stamp_ns, [])
+            if request in waiting:
+                waiting.remove(request)
+            if not waiting:
+                self._awaiting.pop(request.stamp_ns, None)
 
     def process(self, request: Request) -> Outcome:
         """Answer one request now, in the caller's thread (offline evaluation; not
@@ -255,15 +281,18 @@ class GroundingService:
                 log.exception("result callback for %s failed", request.query_id)
 
     def _pick_frame(self, request: Request) -> tuple[Frame | None, Outcome | None]:
-        if request.frame is not None:
-            return request.frame, None
         with self._frame_added:
-            if request.stamp_ns:
+            if request.stamp_ns and request.frame is None:
                 # The budget is measured on the service's clock, the waiting in real time.
                 end = time.monotonic() + max(0.0, self.frame_wait - (self.clock() - request.received))
-                while not any(f.stamp_ns >= request.stamp_ns for f in self._frames) and time.monotonic() < end:
+                while request.frame is None and not any(f.stamp_ns >= request.stamp_ns for f in self._frames) \
+                        and time.monotonic() < end:
                     self._frame_added.wait(end - time.monotonic())
             frames = list(self._frames)
+        if request.stamp_ns:
+            self._unpin(request)
+        if request.frame is not None:
+            return request.frame, None
         if not frames:
             return None, Outcome(request, Status.NO_IMAGE, "no camera image has arrived yet")
         if request.stamp_ns:
@@ -271,8 +300,8 @@ class GroundingService:
             if match is None:
                 return None, Outcome(
                     request, Status.STALE_IMAGE,
-                    f"no frame with stamp {request.stamp_ns / 1e9:.9f} s in the buffer (it holds "
-                    f"{frames[0].stamp_ns / 1e9:.9f} .. {frames[-1].stamp_ns / 1e9:.9f} s)")
+                    f"no frame with stamp {_seconds(request.stamp_ns)} s in the buffer (it holds "
+                    f"{_seconds(frames[0].stamp_ns)} .. {_seconds(frames[-1].stamp_ns)} s)")
             return match, None
         frame = frames[-1]
         age = self.clock() - frame.received
@@ -351,6 +380,11 @@ class _Prepared:
     frame: Frame
     reading: QueryReading
     timings: dict[str, float]
+
+
+def _seconds(stamp_ns: int) -> str:
+    """A stamp as seconds, every nanosecond exact (a float has 16 digits, a stamp 19)."""
+    return f"{stamp_ns // 1_000_000_000}.{stamp_ns % 1_000_000_000:09d}"
 
 
 def _internal_error(request: Request, exc: Exception) -> Outcome:

@@ -91,6 +91,37 @@ def test_a_query_waits_briefly_for_the_frame_it_names(service, scene):
     assert service.frame_wait - 0.05 < time.monotonic() - started < service.frame_wait + 1.0
 
 
+def test_a_named_frame_is_kept_for_its_query_while_newer_frames_push_it_out_of_the_buffer(tiny_model, scene):
+    """Under load (a starved CPU) a query waits in the queue while the camera goes on:
+    the frame it names, buffered before or after it arrived, stays its frame."""
+    service = GroundingService(NextChatPredictor(tiny_model), frame_buffer=2, frame_wait=5.0, max_image_age=600.0)
+    other = scene.image[::-1].copy()
+    service.add_frame(Frame(scene.image, 10))
+    gate = threading.Event()
+    out, got = {}, threading.Event()
+
+    def done(outcome):
+        out[outcome.request.query_id] = outcome
+        if len(out) == 4:
+            got.set()
+    requests = [Request("gate", "where is the ball?", cancelled=lambda: not gate.wait(10), done=done),
+                Request("buffered", "where is the cup?", stamp_ns=10, done=done),
+                Request("later", "where is the cup?", stamp_ns=30, done=done),
+                Request("never", "where is the cup?", stamp_ns=35, done=done)]
+    for request in requests:
+        service.submit(request)
+    for stamp in (20, 30, 40, 50, 60):  # each frame pushes out the one two before it
+        service.add_frame(Frame(scene.image if stamp == 30 else other, stamp))
+    gate.set()
+    assert got.wait(60), sorted(out)
+    service.close()
+    assert out["buffered"].status == Status.OK and out["buffered"].frame.stamp_ns == 10
+    assert out["later"].status == Status.OK and out["later"].frame.stamp_ns == 30
+    assert out["never"].status == Status.STALE_IMAGE
+    assert "0.000000035 s" in out["never"].error and "0.000000050 .. 0.000000060 s" in out["never"].error
+    assert not service._awaiting
+
+
 def test_overload_is_refused_at_once_and_every_query_gets_exactly_one_outcome(tiny_model, scene):
     service = GroundingService(NextChatPredictor(tiny_model), queue_size=2)
     service.add_frame(Frame(scene.image, 1))
