@@ -80,6 +80,8 @@ RESUMABLE_STAGES = {
     "attributes": {"image_attributes": 1.0, "turns_per_image": 2},
     # relations' anchor names look at their anchors
     "anchors": {"anchor_attention": True, "tasks": {"rec": 1.0}, "turns_per_image": 2},
+    # LoRA adapters on the LLM: the checkpoint holds the base weights and the adapters
+    "lora": {"lora": {"rank": 4, "alpha": 8}},
 }
 
 

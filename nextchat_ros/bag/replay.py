@@ -123,6 +123,22 @@ class _Collector:
         return list(self.records.values())
 
 
+def read_queries(bag: str | Path, *, image_topic: str | None = None, query_topic: str | None = None,
+                 frame_buffer: int = 64) -> list[QueryRecord]:
+    """Every query of a bag with its truth and the frame it is about (CDR bytes of the
+    image, or None when the bag lost it), without a model: what training reads from
+    a recorded bag."""
+    info = bag_info(bag)
+    topics = Topics.detect(info, image_topic, query_topic)
+    collector = _Collector(topics, frame_buffer)
+    for message in read_messages(bag, topics.inputs()):
+        if message.topic == topics.image:
+            collector.add_frame(stamp_to_ns(deserialize(message.data, IMAGE_TYPE).header.stamp), message.data)
+        else:
+            collector.add(message)
+    return collector.finish()
+
+
 # --- offline ---------------------------------------------------------------------------
 
 def replay_offline(bag: str | Path, predictor, *, image_topic: str | None = None, query_topic: str | None = None,

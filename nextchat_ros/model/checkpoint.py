@@ -70,13 +70,16 @@ def ours_to_released(key: str) -> str | None:
 
 # --- our format ---------------------------------------------------------------------
 
-def save_pretrained(model: NextChatModel, directory: str | Path) -> None:
+def save_pretrained(model: NextChatModel, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """``state``: the weights to write instead of the model's own state dict (training
+    writes the base weights of a model that carries LoRA adapters this way)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory / CONFIG_FILE)
     # Copies: a predictor's engine makes the LLM's projections views of one fused
     # matrix (engine.static_llama), and safetensors refuses tensors that share memory.
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "preset": model.config.preset})
     model.tokenizer.save(directory)
 

@@ -103,29 +103,35 @@ class RealItems(Dataset):
         return 2**62
 
     def __getitem__(self, index: int) -> dict:
-        from PIL import Image
-
         epoch, position = divmod(index, len(self.samples))
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
         sample = self.samples[order[position]]
-        with Image.open(sample.image_path) as img:
-            image = np.asarray(img.convert("RGB"))
+        image = sample.image()
         turn = (sample.question, sample.answer, sample.regions, sample.answer_boxes, sample.masks, [])
         return encode_item(image, [turn], self.prompt, self.config, self.with_masks)
 
 
 class StreamSampler(Sampler):
-    """Indices start + rank, start + rank + world, ... (every rank its own share,
-    and a resumed run continues exactly where it stopped)."""
+    """The sample indices one rank reads, from sample ``start`` on: a resumed run
+    continues exactly where it stopped.
 
-    def __init__(self, start: int, rank: int = 0, world: int = 1):
+    Each optimizer step takes ``batch_size * grad_accum * world`` consecutive samples,
+    as ``grad_accum * world`` blocks of ``batch_size``; rank r's micro-batch m is block
+    ``r * grad_accum + m``. So a run resumed on fewer ranks with a larger grad_accum
+    (the same global batch) reads the same blocks, and averages the same gradients."""
+
+    def __init__(self, start: int, rank: int = 0, world: int = 1, batch_size: int = 1, grad_accum: int = 1):
         self.start, self.rank, self.world = start, rank, world
+        self.batch_size, self.grad_accum = batch_size, grad_accum
 
     def __iter__(self):
-        index = self.start + self.rank
+        per_step = self.batch_size * self.grad_accum * self.world
+        step_start = self.start
         while True:
-            yield index
-            index += self.world
+            for micro in range(self.grad_accum):
+                block = step_start + (self.rank * self.grad_accum + micro) * self.batch_size
+                yield from range(block, block + self.batch_size)
+            step_start += per_step
 
     def __len__(self) -> int:
         return 2**62

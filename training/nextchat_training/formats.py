@@ -9,6 +9,10 @@ the synthetic stream makes (``phrase [k]`` answers, pixel boxes).
   VQA ``{"img_path" | "image_path" | "image", "question", "answer" | "annotation": {"multiple_choice_answer"}}``.
 - COCO instance annotations (``instances_*.json``) for the segmentation stage:
   polygons and uncompressed RLE decoded to masks with PIL / numpy (no pycocotools).
+- Bags written by ``nextchat bag record`` (or any bag with nextchat_ros/msg/QueryTruth
+  on its truth topic): each query with a reference answer, its regions, the truth's
+  boxes and masks, about the frame it names (kept as the bag's bytes, decoded when
+  read).
 
 Nothing here unpickles anything: JSON in, numpy out. A malformed line is an
 error naming the file and line.
@@ -31,12 +35,24 @@ PHRASE = re.compile(r"<ph_st>(.*?)<ph_ed>")
 @dataclass
 class RealSample:
     task: str
-    image_path: Path
+    image_path: Path | None  # None: the image is ``frame``
     question: str
     answer: str
     regions: list[list[float]]  # pixel xyxy, [k] in the question
     answer_boxes: list[list[float]]  # pixel xyxy, [k] in the answer
     masks: list[np.ndarray] | None = None
+    frame: bytes | None = None  # a bag's sensor_msgs/Image (CDR), for samples read from a bag
+
+    def image(self) -> np.ndarray:
+        """The sample's RGB image."""
+        if self.frame is not None:
+            from nextchat_ros.bag.io import deserialize
+            from nextchat_ros.bag.record import IMAGE_TYPE
+            from nextchat_ros.ros_images import image_msg_to_rgb
+
+            return image_msg_to_rgb(deserialize(self.frame, IMAGE_TYPE))
+        with Image.open(self.image_path) as img:
+            return np.asarray(img.convert("RGB"))
 
 
 class FormatError(ValueError):
@@ -143,3 +159,22 @@ def read_coco_instances(path: str | Path, image_root: str | Path = ".") -> Itera
             raise FormatError(f"{path}: annotation {ann.get('id')}: {type(exc).__name__}: {exc}") from None
         yield RealSample("rec", image_root / img["file_name"], f"where is the {name}?", "Answer: [0] .", [],
                          [[x, y, x + bw, y + bh]], [mask])
+
+
+def read_bag(path: str | Path) -> list[RealSample]:
+    """The training samples of a recorded bag: its queries that have a reference answer
+    and whose frame is in the bag."""
+    from nextchat_ros.bag.replay import read_queries
+
+    samples = []
+    for record in read_queries(path):
+        truth = record.truth
+        if truth is None or not truth.answer or record.frame is None:
+            continue
+        masks = [np.asarray(m, bool) for m in truth.masks] if truth.masks else None
+        regions = [[float(v) for v in r] for r in record.regions]
+        boxes = [[float(v) for v in b] for b in truth.boxes]
+        samples.append(RealSample(truth.task, None, record.text, truth.answer, regions, boxes, masks, record.frame))
+    if not samples:
+        raise ValueError(f"{path}: no query with a reference answer and its frame")
+    return samples

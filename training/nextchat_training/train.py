@@ -17,12 +17,14 @@ stage initialises the next. Stage kinds:
 
 Checkpoints hold model, optimizer, scheduler and step; the data stream is a pure
 function of the sample index, so a resumed run continues exactly. Runs on one
-process or under torchrun (DDP; gloo on CPU, nccl on GPU).
+process or under torchrun: DDP (every rank a replica), or with ``parallel: fsdp``
+sharded over the ranks (``sharding``; gloo on CPU, nccl on GPU).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -47,9 +49,18 @@ from nextchat_ros.synthetic.evaluate import evaluate, format_metrics
 from nextchat_ros.synthetic.samples import SyntheticTabletop
 
 from .batches import Collator, RealItems, StreamSampler, SyntheticItems, object_patch_targets
-from .formats import read_coco_instances, read_jsonl
+from .formats import read_bag, read_coco_instances, read_jsonl
+from .lora import add_lora, has_lora, load_adapters, load_plain_state, lora_spec, merge_lora, plain_state, save_adapters
 from .losses import mask_loss
 from .objective import LossWeights, NextChatObjective, jitter_boxes, loss_weights
+from .sharding import (
+    PARALLEL,
+    fully_shard_stage,
+    gathered_model,
+    init_single_process_group,
+    load_sharded,
+    save_sharded,
+)
 
 # Loss terms logged to metrics.csv (a stage logs those its loss has).
 LOSS_TERMS = ("loss", "lm", "box", "cycle", "mask", "attention", "answer_attention", "attributes")
@@ -76,7 +87,8 @@ class StageConfig:
     # batch_size counts rows.
     turns_per_image: int = 1
     # Real data instead of the synthetic stream: a list of
-    # {jsonl: PATH, task: rec|reg|gc|vqa, image_root: DIR} or {coco: PATH, image_root: DIR}.
+    # {jsonl: PATH, task: rec|reg|gc|vqa, image_root: DIR}, {coco: PATH, image_root: DIR}
+    # or {bag: PATH} (a bag with its truth, `nextchat bag record`).
     data: list[dict] | None = None
     mask_box_jitter: float = 0.0  # SAM is prompted with boxes jittered by this fraction of their size
     # Loss weights over the preset's (objective.LossWeights), e.g. {box_giou: 0.2}.
@@ -87,6 +99,12 @@ class StageConfig:
     # loss, weight loss.grounding_attention; synthetic data only).
     anchor_attention: bool = False
     mixed_precision: str = "auto"  # auto (bf16 where the device has it) | bf16 | no
+    # ddp: every rank holds the whole model (its gradients and optimizer state too);
+    # fsdp: all three sharded over the ranks (lm stages; see sharding.py).
+    parallel: str = "ddp"
+    # LoRA adapters on the LLM instead of training its weights: {rank, alpha, dropout,
+    # targets} (lora.py); needs llm in trainable; the other trainable modules train in full.
+    lora: dict | None = None
     gradient_checkpointing: bool = False
     eval_every: int = 0
     eval_samples: int = 100
@@ -110,6 +128,23 @@ class StageConfig:
             raise ValueError(f"{path}: kind must be 'lm', 'sam' or 'vision'")
         if stage.turns_per_image < 1:
             raise ValueError(f"{path}: turns_per_image must be >= 1")
+        if stage.parallel not in PARALLEL:
+            raise ValueError(f"{path}: parallel must be one of {PARALLEL}")
+        if stage.parallel == "fsdp" and stage.kind != "lm":
+            raise ValueError(f"{path}: parallel: fsdp is for lm stages; the {stage.kind} stage trains one part "
+                             "and runs with ddp")
+        if stage.lora is not None:
+            try:
+                stage.lora = lora_spec(stage.lora)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+            if "llm" not in stage.trainable:
+                raise ValueError(f"{path}: lora adapts the LLM: add llm to trainable")
+            if stage.parallel == "fsdp":
+                raise ValueError(f"{path}: lora is the one-GPU way; use it without parallel: fsdp")
+        if stage.parallel == "fsdp" and stage.eval_every:
+            raise ValueError(f"{path}: eval_every needs the whole model on one rank; with parallel: fsdp set "
+                             "eval_every: 0 (the stage's model is evaluated when it is written)")
         try:
             loss_weights("tiny", stage.loss)
         except ValueError as exc:
@@ -185,8 +220,10 @@ def load_real_samples(sources: list[dict]) -> list:
             samples += list(read_jsonl(source["jsonl"], source.get("task", "rec"), root))
         elif "coco" in source:
             samples += list(read_coco_instances(source["coco"], root))
+        elif "bag" in source:
+            samples += read_bag(source["bag"])
         else:
-            raise ValueError(f"data source needs 'jsonl' or 'coco': {source}")
+            raise ValueError(f"data source needs 'jsonl', 'coco' or 'bag': {source}")
     return samples
 
 
@@ -335,12 +372,15 @@ def sam_stage_loss(model: NextChatModel, items, stage: StageConfig, weights: Los
 
 # --- checkpoints ---------------------------------------------------------------------
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, heads=None) -> None:
+def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, heads=None,
+                    lora: dict | None = None) -> None:
     tmp = directory.with_name(directory.name + ".tmp")
-    save_pretrained(model, tmp)
+    save_pretrained(model, tmp, plain_state(model) if lora else None)
+    if lora:
+        save_adapters(model, tmp / "adapters", lora)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "heads": heads.state_dict() if heads is not None else None}, tmp / "trainer.pt")
-    (tmp / "trainer.json").write_text(json.dumps({"step": step}))
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, "parallel": "ddp", "world_size": dist_info()[1]}))
     if directory.exists():
         import shutil
 
@@ -350,7 +390,11 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, hea
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler, heads=None) -> int:
     loaded = load_pretrained(directory)
-    model.load_state_dict(loaded.state_dict())
+    if has_lora(model):
+        load_plain_state(model, loaded.state_dict())
+        load_adapters(model, directory / "adapters")
+    else:
+        model.load_state_dict(loaded.state_dict())
     state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=True)
     if heads is not None:
         heads.load_state_dict(state["heads"])
@@ -392,7 +436,7 @@ def sam_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTableto
 
 
 def lm_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabletop, seed: int,
-             world: int) -> StageParts:
+             world: int, bf16: bool) -> StageParts:
     heads = None
     if stage.image_attributes > 0:
         if stage.data:
@@ -406,8 +450,13 @@ def lm_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabletop
                                  turns_per_image=stage.turns_per_image, with_objects=heads is not None,
                                  with_looks=stage.anchor_attention)
     objective = NextChatObjective(model, loss_weights(model.config.preset, stage.loss), stage.mask_box_jitter)
-    wrapped = (torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
-               if world > 1 else objective)
+    if stage.parallel == "fsdp":  # the heads are a unit of their own: FSDP averages their gradients
+        fully_shard_stage(objective, model, stage.trainable, bf16, heads)
+        wrapped = objective
+    elif world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
+    else:
+        wrapped = objective
 
     def losses(batch) -> dict[str, torch.Tensor]:
         batch, objects = batch
@@ -418,7 +467,7 @@ def lm_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabletop
         return out
 
     return StageParts(dataset, Collator(model.tokenizer.eos_id), losses, heads,
-                      list(heads.parameters()) if heads is not None else [])
+                      list(heads.parameters()) if heads is not None and stage.parallel != "fsdp" else [])
 
 
 def list_of_items(items):
@@ -432,31 +481,46 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
     ``max_steps`` stops early (after that many optimizer steps in total) while
     keeping the schedule of ``stage.steps`` -- used to test resumption.
     """
+    sharded = stage.parallel == "fsdp"
+    if sharded:
+        init_single_process_group(model.device)
     rank, world = dist_info()
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = apply_freeze_schedule(model, stage.trainable)
-    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
     ckpt = out_dir / "checkpoint"
-    start = int(json.loads((ckpt / "trainer.json").read_text())["step"]) if (ckpt / "trainer.json").is_file() else 0
+    saved = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
+    start = int(saved["step"]) if saved else 0
+    stage = _resumable(stage, saved, world, ckpt)
+    params = apply_freeze_schedule(model, stage.trainable)
+    if stage.lora:  # the LLM's own weights freeze; its adapters train
+        add_lora(model, stage.lora)
+        params = [p for p in model.parameters() if p.requires_grad]
+    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
     generator = torch.Generator().manual_seed(seed * 1000 + start)
+    if stage.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
     if stage.kind == "vision":
         parts = vision_stage(model, stage, stream, params, seed)
     elif stage.kind == "sam":
         parts = sam_stage(model, stage, stream, params, seed, generator)
     else:
-        parts = lm_stage(model, stage, stream, seed, world)
+        parts = lm_stage(model, stage, stream, seed, world, uses_bf16(stage, model.device))
+    if sharded:  # FSDP replaced the parameters with sharded ones
+        params = [p for p in model.parameters() if p.requires_grad]
     trained = params + (list(parts.heads.parameters()) if parts.heads is not None else [])
     model.train()
-    if stage.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable()
     decay = [p for p in trained if p.ndim >= 2]
     no_decay = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
-    step = load_checkpoint(ckpt, model, optimizer, scheduler, parts.heads) if start else 0
+    step = 0
+    if start and sharded:
+        step = load_sharded(ckpt, model, parts.heads, optimizer, scheduler)
+    elif start:
+        step = load_checkpoint(ckpt, model, optimizer, scheduler, parts.heads)
     per_step = stage.batch_size * stage.grad_accum * world
-    loader = DataLoader(parts.dataset, batch_size=stage.batch_size, sampler=StreamSampler(step * per_step, rank, world),
+    sampler = StreamSampler(step * per_step, rank, world, stage.batch_size, stage.grad_accum)
+    loader = DataLoader(parts.dataset, batch_size=stage.batch_size, sampler=sampler,
                         collate_fn=parts.collate_fn, num_workers=stage.num_workers,
                         prefetch_factor=4 if stage.num_workers else None, persistent_workers=False)
     try:
@@ -464,9 +528,40 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
     finally:
         if stage.gradient_checkpointing:
             model.llm.gradient_checkpointing_disable()
-        model.requires_grad_(True)
-        model.eval()
+    if sharded:  # the next stage, the model directory and the evaluation take a whole model
+        model = gathered_model(model)
+    if stage.lora:  # the adapters on their own, then folded in: the stage's model is a plain one
+        if rank == 0:
+            save_adapters(model, out_dir / "adapters", stage.lora)
+        merge_lora(model)
+    model.requires_grad_(True)
+    model.eval()
     return model
+
+
+def uses_bf16(stage: StageConfig, device: torch.device) -> bool:
+    return stage.mixed_precision == "bf16" or (stage.mixed_precision == "auto" and device.type == "cuda"
+                                               and torch.cuda.is_bf16_supported())
+
+
+def _resumable(stage: StageConfig, saved: dict | None, world: int, checkpoint: Path) -> StageConfig:
+    """The stage as a resumed run must take it: a checkpoint written by another number
+    of ranks continues with the same global batch (grad_accum scaled)."""
+    if saved is None:
+        return stage
+    parallel, old_world = saved.get("parallel", "ddp"), int(saved.get("world_size", world))
+    if parallel != stage.parallel:
+        raise ValueError(f"{checkpoint} was written with parallel: {parallel}; the stage says {stage.parallel}")
+    if old_world == world:
+        return stage
+    micro_batches = stage.grad_accum * old_world
+    if micro_batches % world:
+        raise ValueError(f"{checkpoint} was written by {old_world} ranks with grad_accum {stage.grad_accum}: "
+                         f"{world} ranks cannot keep its global batch of {micro_batches} micro-batches per step")
+    if dist_info()[0] == 0:
+        print(f"resuming {checkpoint} (written by {old_world} ranks) on {world}: grad_accum {stage.grad_accum} -> "
+              f"{micro_batches // world} keeps the global batch")
+    return dataclasses.replace(stage, grad_accum=micro_batches // world)
 
 
 def _train_steps(model, stage: StageConfig, parts: StageParts, loader, optimizer, scheduler, trained: list,
@@ -474,8 +569,7 @@ def _train_steps(model, stage: StageConfig, parts: StageParts, loader, optimizer
     """The optimizer steps of one stage from ``step``, with logging, evaluation and checkpoints."""
     rank, world = dist_info()
     device = model.device
-    use_bf16 = stage.mixed_precision == "bf16" or (stage.mixed_precision == "auto" and device.type == "cuda"
-                                                   and torch.cuda.is_bf16_supported())
+    use_bf16 = uses_bf16(stage, device)
     end = min(stage.steps, max_steps) if max_steps else stage.steps
     log = StageLog(out_dir / "metrics.csv", fresh=step == 0) if rank == 0 else None
     bar = tqdm(total=stage.steps, initial=step, desc=f"{stage.name}", disable=not progress or rank != 0,
@@ -496,6 +590,8 @@ def _train_steps(model, stage: StageConfig, parts: StageParts, loader, optimizer
                         running[k] = running.get(k, 0.0) + losses[k].item() / stage.grad_accum
                 samples += stage.batch_size * world * stage.turns_per_image
             if world > 1:
+                running = _mean_over_ranks(running, device)
+            if world > 1:
                 for p in parts.averaged_by_loop:
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
@@ -515,12 +611,27 @@ def _train_steps(model, stage: StageConfig, parts: StageParts, loader, optimizer
                 eval_text = _periodic_eval(model, stage, step, bar) if rank == 0 else ""
                 if log:
                     log.write(step, scheduler.get_last_lr()[0], mean, rate, eval_text)
-            if rank == 0 and (step % stage.save_every == 0 or step == end):
-                save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, step, parts.heads)
+            if step % stage.save_every == 0 or step == end:
+                if stage.parallel == "fsdp":  # every rank writes its shards
+                    save_sharded(out_dir / "checkpoint", model, parts.heads, optimizer, scheduler, step)
+                elif rank == 0:
+                    save_checkpoint(out_dir / "checkpoint", model, optimizer, scheduler, step, parts.heads,
+                                    stage.lora)
     finally:
         bar.close()
         if log:
             log.close()
+
+
+def _mean_over_ranks(running: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each loss term's mean over the ranks that have it (what metrics.csv logs): the
+    loss of the global batch, as one process with the same samples would log it."""
+    values = torch.zeros(2, len(LOSS_TERMS), dtype=torch.float64, device=device)
+    for i, k in enumerate(LOSS_TERMS):
+        if k in running:
+            values[0, i], values[1, i] = running[k], 1.0
+    dist.all_reduce(values)
+    return {k: float(values[0, i] / values[1, i]) for i, k in enumerate(LOSS_TERMS) if values[1, i] > 0}
 
 
 def _periodic_eval(model, stage: StageConfig, step: int, bar) -> str:
