@@ -66,10 +66,11 @@ def logged_losses(path: Path) -> list[float]:
 
 def test_fsdp_on_two_ranks_equals_one_process_resumes_on_one_rank_and_converts(tmp_path):
     """Two FSDP ranks of batch 2 (with activation checkpointing) against one plain
-    process of batch 2 x grad_accum 2 (the same samples a step): the same losses; stopped after 2 steps and resumed on one
-    rank (grad_accum scaled to keep the global batch), the run continues as the
-    single process did; its sharded checkpoint converts to a model directory that
-    loads and answers like the trained model."""
+    process of batch 2 x grad_accum 2 (the same samples a step): the same losses;
+    stopped after 2 steps and resumed on one rank (grad_accum scaled to keep the
+    global batch), the run continues as the single process did; its sharded
+    checkpoint converts to a model directory that loads and answers like the
+    trained model."""
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     run_training(script, tmp_path / "single", "ddp", 2, 4, ranks=1)

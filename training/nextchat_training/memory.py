@@ -242,33 +242,39 @@ class TensorMemoryPeak(TorchDispatchMode):
 
 
 def measured_step(model: NextChatModel, stage, seed: int = 0) -> dict:
-    """One lm-stage training step of ``model`` on this process (after a first step that
-    creates the optimizer's state), measured: the peak of live tensor bytes over the
-    whole step, the bytes of the tensors autograd saved for backward, and the batch's
-    tokens per row. For checking :func:`estimate` (on the CPU: fp32)."""
+    """One training step of ``model`` on this process, set up as train_stage sets it up
+    (frozen, LoRA, FSDP of one rank, bf16 autocast where the stage says so), after a
+    first step that creates the optimizer's state, measured: the step's peak memory
+    (CUDA's max_memory_allocated on a GPU, else the peak of live tensor bytes), the
+    bytes of the tensors autograd saved for backward, the batch's tokens per row, and
+    the step's seconds. For checking :func:`estimate`."""
+    import time
+
     from torch.utils.data import DataLoader
 
-    from nextchat_ros.synthetic.samples import SyntheticTabletop
-
     from .batches import StreamSampler
-    from .train import apply_freeze_schedule, lm_stage
+    from .train import prepare_stage, uses_bf16
 
-    params = apply_freeze_schedule(model, stage.trainable)
-    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
-    parts = lm_stage(model, stage, stream, seed, world=1, bf16=False)
-    trained = params + (list(parts.heads.parameters()) if parts.heads is not None else [])
-    optimizer = torch.optim.AdamW(trained, lr=stage.lr)
+    prepared = prepare_stage(model, stage, seed)
+    parts, trained, optimizer = prepared.parts, prepared.trained, prepared.optimizer
+    device = model.device
+    bf16 = uses_bf16(stage, device)
     batches = iter(DataLoader(parts.dataset, batch_size=stage.batch_size, sampler=StreamSampler(0),
                               collate_fn=parts.collate_fn, num_workers=0))
-    model.train()
+    storages = WeakIdKeyDictionary()
+    sizes = [0]
 
-    def step(batch, saved=None) -> None:
+    def saved(tensor):  # summed while the step's graph still holds them
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage() not in storages:
+            storages[tensor.untyped_storage()] = tensor.untyped_storage().nbytes()
+            sizes.append(sum(storages.values()))
+        return tensor
+
+    def step(batch) -> None:
         optimizer.zero_grad(set_to_none=True)
-        if saved is None:
+        with torch.autograd.graph.saved_tensors_hooks(saved, lambda t: t), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = parts.losses(batch)["loss"]
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(saved, lambda t: t):
-                loss = parts.losses(batch)["loss"]
         loss.backward()
         del loss
         torch.nn.utils.clip_grad_norm_(trained, stage.max_grad_norm)
@@ -276,27 +282,23 @@ def measured_step(model: NextChatModel, stage, seed: int = 0) -> dict:
 
     step(next(batches))
     batch = next(batches)
-    storages = WeakIdKeyDictionary()
-
-    def saved(tensor):
-        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage() not in storages:
-            storages[tensor.untyped_storage()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    peak = TensorMemoryPeak()
-    with peak:
-        peak.track(list(model.parameters()) + list(model.buffers()) + trained)
-        peak.track(tensor for state in optimizer.state.values() for tensor in state.values())
-        before = peak.current
-        # saved-tensor bytes are summed while the step's graph still holds them
-        sizes = []
-
-        def saved_and_summed(tensor):
-            out = saved(tensor)
-            sizes.append(sum(storages.values()))
-            return out
-
-        step(batch, saved_and_summed)
+    storages.clear()
+    sizes[:] = [0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        step(batch)
+        torch.cuda.synchronize(device)
+        seconds, peak = time.perf_counter() - t0, torch.cuda.max_memory_allocated(device)
+    else:
+        tracker = TensorMemoryPeak()
+        with tracker:
+            tracker.track(list(model.parameters()) + list(model.buffers()) + trained)
+            tracker.track(tensor for state in optimizer.state.values() for tensor in state.values())
+            t0 = time.perf_counter()
+            step(batch)
+            seconds, peak = time.perf_counter() - t0, tracker.peak
     model.eval()
-    return {"peak_bytes": peak.peak, "resident_bytes": before, "saved_activation_bytes": max(sizes, default=0),
-            "tokens_per_row": int(batch[0].input_ids.shape[1])}
+    return {"peak_bytes": peak, "saved_activation_bytes": max(sizes),
+            "tokens_per_row": int(batch[0].input_ids.shape[1]), "step_seconds": seconds}

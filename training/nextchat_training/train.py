@@ -474,6 +474,50 @@ def list_of_items(items):
     return items
 
 
+@dataclass
+class PreparedStage:
+    """A model set up for one stage: what the loop trains and what it steps with."""
+
+    parts: StageParts
+    trained: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def prepare_stage(model: NextChatModel, stage: StageConfig, seed: int = 0, start: int = 0) -> PreparedStage:
+    """Freeze, adapt (LoRA) and shard (FSDP) ``model`` for ``stage`` and build its data,
+    loss, optimizer and schedule: what train_stage runs and memory.measured_step
+    measures. ``start``: the step a resumed run starts from (it seeds the stage's
+    generator)."""
+    if stage.parallel == "fsdp":
+        init_single_process_group(model.device)
+    world = dist_info()[1]
+    params = apply_freeze_schedule(model, stage.trainable)
+    if stage.lora:  # the LLM's own weights freeze; its adapters train
+        add_lora(model, stage.lora)
+        params = [p for p in model.parameters() if p.requires_grad]
+    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
+    generator = torch.Generator().manual_seed(seed * 1000 + start)
+    if stage.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    if stage.kind == "vision":
+        parts = vision_stage(model, stage, stream, params, seed)
+    elif stage.kind == "sam":
+        parts = sam_stage(model, stage, stream, params, seed, generator)
+    else:
+        parts = lm_stage(model, stage, stream, seed, world, uses_bf16(stage, model.device))
+    if stage.parallel == "fsdp":  # FSDP replaced the parameters with sharded ones
+        params = [p for p in model.parameters() if p.requires_grad]
+    trained = params + (list(parts.heads.parameters()) if parts.heads is not None else [])
+    model.train()
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+    return PreparedStage(parts, trained, optimizer, scheduler)
+
+
 def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: int = 0,
                 max_steps: int | None = None, progress: bool = True) -> NextChatModel:
     """Train ``model`` for one stage; resumes from ``out_dir/checkpoint`` if present.
@@ -490,29 +534,8 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
     saved = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
     start = int(saved["step"]) if saved else 0
     stage = _resumable(stage, saved, world, ckpt)
-    params = apply_freeze_schedule(model, stage.trainable)
-    if stage.lora:  # the LLM's own weights freeze; its adapters train
-        add_lora(model, stage.lora)
-        params = [p for p in model.parameters() if p.requires_grad]
-    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
-    generator = torch.Generator().manual_seed(seed * 1000 + start)
-    if stage.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable()
-    if stage.kind == "vision":
-        parts = vision_stage(model, stage, stream, params, seed)
-    elif stage.kind == "sam":
-        parts = sam_stage(model, stage, stream, params, seed, generator)
-    else:
-        parts = lm_stage(model, stage, stream, seed, world, uses_bf16(stage, model.device))
-    if sharded:  # FSDP replaced the parameters with sharded ones
-        params = [p for p in model.parameters() if p.requires_grad]
-    trained = params + (list(parts.heads.parameters()) if parts.heads is not None else [])
-    model.train()
-    decay = [p for p in trained if p.ndim >= 2]
-    no_decay = [p for p in trained if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+    prepared = prepare_stage(model, stage, seed, start)
+    parts, trained, optimizer, scheduler = prepared.parts, prepared.trained, prepared.optimizer, prepared.scheduler
     step = 0
     if start and sharded:
         step = load_sharded(ckpt, model, parts.heads, optimizer, scheduler)
