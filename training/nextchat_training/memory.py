@@ -8,9 +8,9 @@ weights are read and nothing is allocated).
 What each strategy holds per GPU (P = all parameters, T = the trained ones, w = the
 weights' bytes, 4 for the fp32 weights this loop trains; c = compute bytes, 2 under
 bf16 autocast):
-  ddp   every parameter (P w); T's gradients twice (the .grad tensors and DDP's
-        buckets); AdamW's two moments of T in fp32 and, during the step, one more
-        T-sized buffer of its foreach update.
+  ddp   every parameter (P w); T's gradients, twice on several GPUs (the .grad
+        tensors and DDP's buckets); AdamW's two moments of T in fp32 and, during
+        the step, one more T-sized buffer of its foreach update.
   fsdp  P w / N sharded, plus the root unit (everything outside the decoder layers
         but the last one) and two decoder layers gathered in compute precision (the
         layer running and the one prefetched); T's gradients / N plus the root's
@@ -24,6 +24,9 @@ attention's q/k/v/output for a fused kernel that keeps no score matrix, the MLP'
 gate/up/product), plus the loss's log-softmax over the vocabulary; with
 gradient_checkpointing only each layer's input, plus one layer recomputed; and the
 projector's input and hidden layer per image patch.
+The peak: parameters + gradients + moments + the larger of the activations (the
+backward pass, while gradients fill in) and the step's buffer (the optimizer step,
+once the activations are freed).
 A stage that trains nothing the gradients reach through the LLM (stage 3: the mask
 parts) keeps none of the LLM's. Not counted: the activations of a trained vision
 tower or SAM encoder (no stage of the shipped configs trains them with the LLM) and
@@ -67,12 +70,14 @@ class MemoryEstimate:
     gpus: int
     parameters: int
     gradients: int
-    optimizer: int
+    optimizer: int  # AdamW's moments
+    step_buffer: int  # the optimizer step's temporary (foreach), while activations are freed
     activations: int
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        """The peak (the module docstring says when each part is held)."""
+        return self.parameters + self.gradients + self.optimizer + max(self.activations, self.step_buffer)
 
     def row(self) -> str:
         return (f"{self.strategy:5s} {self.gpus:4d}  " + "  ".join(
@@ -165,9 +170,10 @@ def estimate(config: NextChatConfig, stage, gpus: int, strategy: str, model: Nex
         root = total - sharded_units
         root_trained = max(0, trained - sharded_units) if "llm" in stage.trainable else trained
         return MemoryEstimate(strategy, gpus, total * weights // gpus + (root + 2 * layer) * compute,
-                              trained * 4 // gpus + root_trained * 4, (moments + step_buffer) // gpus, activations)
+                              trained * 4 // gpus + root_trained * 4, moments // gpus, step_buffer // gpus,
+                              activations)
     grad_copies = 2 if strategy == "ddp" and gpus > 1 else 1
-    return MemoryEstimate(strategy, gpus, total * weights, grad_copies * trained * 4, moments + step_buffer,
+    return MemoryEstimate(strategy, gpus, total * weights, grad_copies * trained * 4, moments, step_buffer,
                           activations)
 
 
@@ -196,7 +202,8 @@ def print_estimates(config_path: str | Path, gpus: list[int]) -> None:
         tokens = tokens_per_row(config, stage.turns_per_image)
         print(f"\n{stage.name}: trains {', '.join(stage.trainable)}; batch {stage.batch_size} x {tokens} tokens, "
               f"{stage.mixed_precision} precision, checkpointing {'on' if stage.gradient_checkpointing else 'off'}")
-        print("strat  gpus    params     grads     optim      acts     total")
+        print("strat  gpus    params     grads     optim      acts     total  (total: the peak, with the larger of "
+              "acts and the optimizer step's buffer)")
         for strategy in STRATEGIES:
             if strategy == "lora" and "llm" not in stage.trainable:
                 continue
