@@ -213,3 +213,37 @@ def test_only_single_turns_about_one_image_can_be_packed(tiny_model):
     twice = pack_turns([one, one], n)
     with pytest.raises(ValueError, match="single-turn"):
         pack_turns([twice, one], n)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "full_structure"])
+def test_the_fused_sam_encoder_equals_segment_anythings(shape):
+    """RelPosAttention against segment-anything's own Attention, on the tiny preset's
+    encoder and on a small random one with the full preset's block structure (windowed
+    blocks with padding, global blocks, relative positions that are not zero)."""
+    import copy
+
+    from segment_anything.modeling.image_encoder import Attention
+
+    from nextchat_ros.model.config import get_preset
+    from nextchat_ros.model.sam import RelPosAttention, SamMaskHead
+
+    config = copy.deepcopy(get_preset("tiny").sam)
+    if shape == "full_structure":  # ViT-H's layout at a small width: 14-patch windows, every 4th block global
+        config.image_size, config.patch_size, config.window_size = 320, 16, 14  # 20 patches: windows pad to 28
+        config.encoder_embed_dim, config.encoder_depth, config.encoder_num_heads = 64, 8, 4
+        config.encoder_global_attn_indexes = (3, 7)
+    torch.manual_seed(0)
+    fused = SamMaskHead(config).image_encoder.eval()
+    with torch.no_grad():
+        for block in fused.blocks:
+            block.attn.rel_pos_h.normal_(0, 0.5)
+            block.attn.rel_pos_w.normal_(0, 0.5)
+    reference = copy.deepcopy(fused)
+    for block in reference.blocks:
+        block.attn.__class__ = Attention
+    assert all(type(b.attn) is RelPosAttention for b in fused.blocks)
+    assert {b.window_size for b in fused.blocks} == {0, config.window_size}
+    pixels = torch.randn(2, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        want, got = reference(pixels), fused(pixels)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -10,6 +10,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
 
 from .config import SamConfig
@@ -49,6 +50,35 @@ def target_masks(masks: torch.Tensor, config: SamConfig) -> torch.Tensor:
     return (F.interpolate(canvas, size=(low, low), mode="bilinear", align_corners=False) > 0.5).float()
 
 
+class RelPosAttention(Attention):
+    """segment-anything's encoder attention through one fused kernel: its decomposed
+    relative-position term (MViTv2) becomes SDPA's additive bias instead of being
+    added to an explicitly computed score matrix. Same parameters, same result to
+    float rounding (tests/test_model.py); SDPA picks a fused kernel that accepts a
+    bias (memory-efficient attention on CUDA, the flash-style kernel on the CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        # (3, B, heads, H*W, head_dim)
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = None
+        if self.use_rel_pos:
+            r_q = q.unflatten(2, (h, w))  # the unscaled query, as add_decomposed_rel_pos takes it
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(h, h, self.rel_pos_h))
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(w, w, self.rel_pos_w))
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, self.num_heads, h * w, h * w)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(x.unflatten(2, (h, w)).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+def fuse_attention(encoder: ImageEncoderViT) -> ImageEncoderViT:
+    """Every block's attention as :class:`RelPosAttention` (in place; the state dict is
+    unchanged)."""
+    for block in encoder.blocks:
+        block.attn.__class__ = RelPosAttention
+    return encoder
+
+
 class SamMaskHead(nn.Module):
     """Image encoder + prompt encoder + mask decoder.
 
@@ -74,6 +104,7 @@ class SamMaskHead(nn.Module):
             window_size=config.window_size,
             out_chans=config.prompt_embed_dim,
         )
+        fuse_attention(self.image_encoder)
         side = config.embedding_size
         self.prompt_encoder = PromptEncoder(
             embed_dim=config.prompt_embed_dim,
