@@ -247,3 +247,17 @@ def test_the_fused_sam_encoder_equals_segment_anythings(shape):
     with torch.no_grad():
         want, got = reference(pixels), fused(pixels)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_masks_of_all_objects_decoded_in_one_call_equal_one_object_at_a_time(tiny_model):
+    sam = tiny_model.sam
+    torch.manual_seed(0)
+    embedding = torch.randn(1, sam.config.prompt_embed_dim, sam.config.embedding_size, sam.config.embedding_size)
+    boxes = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.3, 0.2, 0.9, 0.8], [0.0, 0.6, 0.3, 1.0]])
+    tokens = torch.randn(3, tiny_model.config.seg_prompt_tokens, sam.config.prompt_embed_dim)
+    with torch.no_grad():
+        masks, ious = sam.decode_masks(embedding, boxes, tokens)
+        for i in range(3):
+            one_mask, one_iou = sam.decode_masks(embedding, boxes[i:i + 1], tokens[i:i + 1])
+            torch.testing.assert_close(masks[i:i + 1], one_mask, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ious[i:i + 1], one_iou, atol=1e-5, rtol=1e-5)
