@@ -158,7 +158,7 @@ def estimate(config: NextChatConfig, stage, gpus: int, strategy: str, model: Nex
     tokens = tokens if tokens is not None else tokens_per_row(config, stage.turns_per_image)
     # Gradients pass through the LLM only to what trains in it or before it; a stage
     # that trains only the mask parts (stage 3) keeps none of the LLM's activations.
-    through_llm = bool(set(stage.trainable) & set(THROUGH_LLM))
+    through_llm = stage.kind == "lm" and bool(set(stage.trainable) & set(THROUGH_LLM))
     activations = through_llm * int(stage.batch_size * (tokens * activation_bytes_per_token(config, compute,
                                                                               stage.gradient_checkpointing)
                                           + image_activation_bytes(config, compute)))
@@ -200,13 +200,14 @@ def print_estimates(config_path: str | Path, gpus: list[int]) -> None:
     for stage_path in train_config.stages:
         stage = StageConfig.load(Path(stage_path))
         tokens = tokens_per_row(config, stage.turns_per_image)
-        print(f"\n{stage.name}: trains {', '.join(stage.trainable)}; batch {stage.batch_size} x {tokens} tokens, "
+        rows = f"{tokens} tokens" if stage.kind == "lm" else f"images (a {stage.kind} stage: activations not estimated)"
+        print(f"\n{stage.name}: trains {', '.join(stage.trainable)}; batch {stage.batch_size} x {rows}, "
               f"{stage.mixed_precision} precision, checkpointing {'on' if stage.gradient_checkpointing else 'off'}")
         print("strat  gpus    params     grads     optim      acts     total  (total: the peak, with the larger of "
               "acts and the optimizer step's buffer)")
         for strategy in STRATEGIES:
-            if strategy == "lora" and "llm" not in stage.trainable:
-                continue
+            if (strategy == "lora" and "llm" not in stage.trainable) or (strategy != "ddp" and stage.kind != "lm"):
+                continue  # LoRA adapts the LLM; FSDP and LoRA run lm stages
             for n in sorted(set(gpus)) if strategy != "lora" else (1,):
                 print(estimate(config, stage, n, strategy, model, tokens).row())
 
