@@ -52,14 +52,15 @@ def validate_regions(regions, height: int, width: int) -> np.ndarray:
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise QueryError(f"regions must be a list of [x1, y1, x2, y2] boxes, got shape {boxes.shape}")
     for k, (x1, y1, x2, y2) in enumerate(boxes):
+        box = "[" + ", ".join(f"{float(v):g}" for v in (x1, y1, x2, y2)) + "]"  # as the user wrote it
         if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            raise QueryError(f"region [{k}] has a non-finite coordinate: {[x1, y1, x2, y2]}")
+            raise QueryError(f"region [{k}] has a non-finite coordinate: {box}")
         if min(x1, y1, x2, y2) < 0:
-            raise QueryError(f"region [{k}] has a negative coordinate: {[x1, y1, x2, y2]}")
+            raise QueryError(f"region [{k}] has a negative coordinate: {box}")
         if x2 > width or y2 > height:
-            raise QueryError(f"region [{k}] {[x1, y1, x2, y2]} lies outside the {width}x{height} image")
+            raise QueryError(f"region [{k}] {box} lies outside the {width}x{height} image")
         if x2 - x1 < 1 or y2 - y1 < 1:
-            raise QueryError(f"region [{k}] {[x1, y1, x2, y2]} has no area (x2 must exceed x1, y2 exceed y1)")
+            raise QueryError(f"region [{k}] {box} has no area (x2 must exceed x1, y2 exceed y1)")
     return boxes
 
 
