@@ -137,6 +137,10 @@ def test_launch_remaps_answers_echoes_and_stops_cleanly_on_ctrl_c(launch, worksp
         # (its subscription may match the node's publisher after the first result went out).
         deadline, asked = time.monotonic() + 60, 1
         while echo.process.poll() is None and time.monotonic() < deadline:
+            # A fresh frame with each query: asked after max_image_age (2 s) without
+            # one, the query is refused as stale (the echo once printed that refusal).
+            image_pub.publish(image_msg(scene.image, time.time_ns()))
+            executor.spin_once(timeout_sec=0.2)
             query_pub.publish(String(data="where is the blue cube?"))
             asked += 1
             for _ in range(25):
