@@ -324,7 +324,12 @@ class Soak:
             raise TimeoutError(f"the node's ground service did not appear within {timeout:.0f} s; "
                                f"its log: {self.log_path}")
         self.cameras.append(Camera(self.namespace, camera_frames(*self.size), self.camera_hz))
-        time.sleep(2.0)  # the camera matched and its frames flowing before the first query
+        # The first query after the node's diagnostics count camera frames (matching
+        # takes seconds on a loaded machine; before it, queries are refused NO_IMAGE).
+        deadline = time.monotonic() + timeout
+        while not any(hz > 0 for _, hz, _ in self.diagnostics) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
         self._start_thread(self._sample, "soak-sampler")
         self._start_thread(lambda: self._every(self.query_hz, lambda: False, self._structured), "soak-structured")
 
