@@ -138,6 +138,7 @@ class Camera:
         self.depth_pub = self.node.create_publisher(Image, "depth", qos)
         self.info_pub = self.node.create_publisher(CameraInfo, "camera_info", qos)
         self.depth = False  # also publish depth (16UC1, mm) and camera_info with each frame
+        self._depth_mm = np.full((self.height, self.width), 800, np.uint16)  # a flat table 0.8 m away
         self.sent = 0
         self.first_stamp_ns = self.last_stamp_ns = 0
         self._stall_until = 0.0
@@ -150,10 +151,9 @@ class Camera:
 
     def _publish(self, k: int, stamp_ns: int) -> None:
         if self.depth:
-            depth = np.full((self.height, self.width), 800, np.uint16)
-            self.depth_pub.publish(image_msg(depth, stamp_ns, "16UC1"))
-            info = CameraInfo(width=self.width, height=self.height)
-            info.header = image_msg(depth[:1, :1], stamp_ns).header
+            depth = image_msg(self._depth_mm, stamp_ns, "16UC1")
+            self.depth_pub.publish(depth)
+            info = CameraInfo(header=depth.header, width=self.width, height=self.height)
             info.k = [500.0, 0.0, self.width / 2, 0.0, 500.0, self.height / 2, 0.0, 0.0, 1.0]
             self.info_pub.publish(info)
         self.image_pub.publish(image_msg(self.frames[int(k / self.hz) % len(self.frames)], stamp_ns, self.encoding))
