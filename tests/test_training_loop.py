@@ -167,8 +167,10 @@ def test_two_process_ddp_training_step_on_cpu(tmp_path):
                                          num_workers=0, image_height=96, image_width=128, image_attributes=1.0,
                                          trainable=["projector", "llm", "box_decoder", "box_encoder"])))
     config = tmp_path / "train.yaml"
+    # Both renderers, the solids read from a pool rank 0 renders while rank 1 waits.
     config.write_text(yaml.safe_dump(dict(name="ddp", out=str(tmp_path / "out"), stages=["stage.yaml"],
-                                          final_eval_samples=0)))
+                                          final_eval_samples=0, renderers={"tabletop": 0.5, "solids": 0.5},
+                                          scene_pools={"solids": 3})))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
@@ -178,6 +180,8 @@ def test_two_process_ddp_training_step_on_cpu(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     step = yaml.safe_load((tmp_path / "out/ddp/checkpoint/trainer.json").read_text())["step"]
     assert step == 2
+    pool = tmp_path / "out/scenes/solids-train-3-96x128"
+    assert (pool / "shard-00000" / "scenes.json").is_file() and (pool / "wall_seconds.txt").is_file()
     rows = losses(tmp_path / "out/ddp/metrics.csv")
     assert len(rows) == 2 and all(float(r) > 0 for r in rows)
 

@@ -39,7 +39,8 @@ def evaluate(predictor: NextChatPredictor, split: str = "heldout", num_samples: 
              renderer: str = "tabletop") -> dict:
     """The metrics of ``predictor`` (``NextChatPredictor(model)`` for a model in memory)
     on ``num_samples`` synthetic samples of ``split``, drawn by ``renderer``
-    (``samples.RENDERERS``: the project's ``tabletop`` or the held-out ``raycast``)."""
+    (``samples.RENDERERS``: ``tabletop`` or ``solids``, which training draws, or the
+    held-out ``raycast``)."""
     stream = SyntheticTabletop(split, task_weights or EVAL_TASK_WEIGHTS, height=height, width=width,
                                renderer=renderer)
     items = (stream.item(index) for index in range(start, start + num_samples))

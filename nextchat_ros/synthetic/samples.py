@@ -16,6 +16,8 @@ import numpy as np
 from ..scoring import NUMBERS
 from .raycast import render_raycast
 from .scenes import COLORS, KINDS, SIZES, Scene, SceneObject, render_scene
+from .shards import ScenePool
+from .solids import render_solids
 
 # Every task of the synthetic tabletop data.
 TASKS = ("rec", "multi", "region_caption", "grounded_caption", "count", "pope", "instruction", "color_vqa")
@@ -26,9 +28,10 @@ DEFAULT_TASK_WEIGHTS = {"rec": 4.0, "multi": 1.0, "region_caption": 2.0, "ground
 EVAL_TASK_WEIGHTS = {"rec": 3.0, "pope": 2.0, "region_caption": 2.0, "instruction": 1.0, "multi": 1.0,
                      "grounded_caption": 1.0, "count": 1.0, "color_vqa": 1.0}
 SPLIT_SEED = {"train": 0, "heldout": 1_000_000_000, "test": 2_000_000_000}
-# How scenes are drawn: the project's 2D painter, or the ray caster kept for
-# measuring (held out: SyntheticTabletop never draws the training split with it).
-RENDERERS = {"tabletop": render_scene, "raycast": render_raycast}
+# How scenes are drawn: the project's 2D painter, 3D solids splatted through a
+# perspective camera (solids.py), or the ray caster kept for measuring (held out:
+# SyntheticTabletop never draws the training split with it).
+RENDERERS = {"tabletop": render_scene, "solids": render_solids, "raycast": render_raycast}
 HELD_OUT_RENDERERS = ("raycast",)
 REC_QUESTIONS = ["where is the {ref}?", "find the {ref}.", "point to the {ref}.", "locate the {ref}.",
                  "show me the {ref}.", "which object is the {ref}?"]
@@ -190,6 +193,11 @@ def _grounded_caption_sample(scene: Scene, objs: list[SceneObject], rng: np.rand
 
 
 def _count_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    if rng.random() < 0.25:  # every listed object
+        n = len(objs)
+        verb, noun = ("is", "object") if n == 1 else ("are", "objects")
+        return Sample("count", "how many objects are there?", f"there {verb} {NUMBERS[n]} {noun}.",
+                      truth={"count": n, "kind": "object"})
     kind = (objs[int(rng.integers(len(objs)))].kind if rng.random() < 0.8
             else KINDS[int(rng.integers(len(KINDS)))])
     n = sum(o.kind == kind for o in objs)
@@ -266,19 +274,30 @@ class SyntheticTabletop:
     Item ``i`` is rendered from seed ``SPLIT_SEED[split] + i`` and its task is
     drawn from ``task_weights`` with the same seed, so a run resumed at item i
     sees exactly the items an uninterrupted run would.
+
+    ``renderer``: one renderer's name, or weights over several ({"tabletop": 0.4,
+    "solids": 0.6}): then item i's renderer is drawn with its seed too. ``pools``:
+    renderers whose scenes are read from a ScenePool of the split's first seeds;
+    item i then shows the pool's scene ``i % pool.count``.
     """
 
     def __init__(self, split: str = "train", task_weights: dict[str, float] | None = None,
                  height: int = 240, width: int = 320, tasks: tuple[str, ...] | None = None,
-                 renderer: str = "tabletop"):
+                 renderer: str | dict[str, float] = "tabletop", pools: dict[str, ScenePool] | None = None):
         if split not in SPLIT_SEED:
             raise ValueError(f"unknown split '{split}'; use one of {sorted(SPLIT_SEED)}")
-        if renderer not in RENDERERS:
-            raise ValueError(f"unknown renderer '{renderer}'; use one of {sorted(RENDERERS)}")
-        if renderer in HELD_OUT_RENDERERS and split == "train":
-            raise ValueError(f"the {renderer} renderer is held out: it draws evaluation splits only, never 'train'")
+        mix = {renderer: 1.0} if isinstance(renderer, str) else {k: float(v) for k, v in renderer.items() if v > 0}
+        for name in mix:
+            if name not in RENDERERS:
+                raise ValueError(f"unknown renderer '{name}'; use one of {sorted(RENDERERS)}")
+            if name in HELD_OUT_RENDERERS and split == "train":
+                raise ValueError(f"the {name} renderer is held out: it draws evaluation splits only, never 'train'")
+        if not mix:
+            raise ValueError("no renderer has a weight above 0")
         self.split = split
-        self.render = RENDERERS[renderer]
+        self.renderers = list(mix)
+        self.renderer_probs = np.array([mix[r] for r in self.renderers]) / sum(mix.values())
+        self.pools = dict(pools or {})
         weights = dict(task_weights or DEFAULT_TASK_WEIGHTS)
         if tasks is not None:
             weights = {t: weights.get(t, 1.0) for t in tasks}
@@ -290,6 +309,17 @@ class SyntheticTabletop:
         self.probs = np.array([weights[t] / total for t in self.tasks])
         self.height, self.width = height, width
 
+    def scene(self, index: int, rng: np.random.Generator) -> Scene:
+        """Scene ``index`` (``rng``: the item's generator, which picks the renderer of a mix)."""
+        name = self.renderers[0]
+        if len(self.renderers) > 1:
+            name = self.renderers[int(rng.choice(len(self.renderers), p=self.renderer_probs))]
+        pool = self.pools.get(name)
+        if pool is not None:
+            return pool.scene(index % pool.count)
+        # Each renderer seeds its own generator from the seed.
+        return RENDERERS[name](SPLIT_SEED[self.split] + index, height=self.height, width=self.width)
+
     def item(self, index: int) -> tuple[Scene, Sample]:
         scene, samples = self.scene_samples(index, 1)
         return scene, samples[0]
@@ -299,7 +329,7 @@ class SyntheticTabletop:
         the first is ``item(index)``'s sample."""
         seed = SPLIT_SEED[self.split] + index
         rng = np.random.default_rng([seed, 17])
-        scene = self.render(seed, height=self.height, width=self.width)  # its own generator
+        scene = self.scene(index, rng)
         samples = []
         for _ in range(count):
             first = int(rng.choice(len(self.tasks), p=self.probs))

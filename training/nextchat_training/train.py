@@ -46,7 +46,8 @@ from nextchat_ros.model.sam import preprocess_image as sam_preprocess
 from nextchat_ros.model.sam import target_masks
 from nextchat_ros.predictor import NextChatPredictor
 from nextchat_ros.synthetic.evaluate import evaluate, format_metrics
-from nextchat_ros.synthetic.samples import SyntheticTabletop
+from nextchat_ros.synthetic.samples import RENDERERS, SPLIT_SEED, SyntheticTabletop
+from nextchat_ros.synthetic.shards import ScenePool
 
 from .batches import Collator, RealItems, StreamSampler, SyntheticItems, object_patch_targets
 from .formats import read_bag, read_coco_instances, read_jsonl
@@ -161,6 +162,12 @@ class TrainConfig:
     init_checkpoint: str | None = None
     seed: int = 0
     final_eval_samples: int = 1000
+    # How the synthetic scenes of every stage are drawn: weights over renderers
+    # (samples.RENDERERS; None: the tabletop painter alone).
+    renderers: dict[str, float] | None = None
+    # Renderers too slow to draw per item: how many of their training scenes are
+    # rendered once, to <out>/scenes, and read from there (shards.ScenePool).
+    scene_pools: dict[str, int] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -484,11 +491,22 @@ class PreparedStage:
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
-def prepare_stage(model: NextChatModel, stage: StageConfig, seed: int = 0, start: int = 0) -> PreparedStage:
+def scene_pools(config: TrainConfig, height: int = 240, width: int = 320) -> dict[str, ScenePool]:
+    """The training config's pooled renderers, each pool in <out>/scenes."""
+    root = Path(config.out) / "scenes"
+    return {name: ScenePool(root / f"{name}-train-{count}-{height}x{width}", RENDERERS[name], SPLIT_SEED["train"],
+                            count, height, width)
+            for name, count in (config.scene_pools or {}).items()}
+
+
+def prepare_stage(model: NextChatModel, stage: StageConfig, seed: int = 0, start: int = 0,
+                  renderers: dict[str, float] | None = None, pools: dict[str, ScenePool] | None = None
+                  ) -> PreparedStage:
     """Freeze, adapt (LoRA) and shard (FSDP) ``model`` for ``stage`` and build its data,
     loss, optimizer and schedule: what train_stage runs and memory.measured_step
     measures. ``start``: the step a resumed run starts from (it seeds the stage's
-    generator)."""
+    generator). ``renderers``, ``pools``: how the synthetic scenes are drawn
+    (SyntheticTabletop)."""
     if stage.parallel == "fsdp":
         init_single_process_group(model.device)
     world = dist_info()[1]
@@ -496,7 +514,8 @@ def prepare_stage(model: NextChatModel, stage: StageConfig, seed: int = 0, start
     if stage.lora:  # the LLM's own weights freeze; its adapters train
         add_lora(model, stage.lora)
         params = [p for p in model.parameters() if p.requires_grad]
-    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width)
+    stream = SyntheticTabletop("train", stage.tasks, height=stage.image_height, width=stage.image_width,
+                               renderer=renderers or "tabletop", pools=pools)
     generator = torch.Generator().manual_seed(seed * 1000 + start)
     if stage.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable()
@@ -519,7 +538,8 @@ def prepare_stage(model: NextChatModel, stage: StageConfig, seed: int = 0, start
 
 
 def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: int = 0,
-                max_steps: int | None = None, progress: bool = True) -> NextChatModel:
+                max_steps: int | None = None, progress: bool = True, renderers: dict[str, float] | None = None,
+                pools: dict[str, ScenePool] | None = None) -> NextChatModel:
     """Train ``model`` for one stage; resumes from ``out_dir/checkpoint`` if present.
 
     ``max_steps`` stops early (after that many optimizer steps in total) while
@@ -534,7 +554,7 @@ def train_stage(model: NextChatModel, stage: StageConfig, out_dir: Path, seed: i
     saved = json.loads((ckpt / "trainer.json").read_text()) if (ckpt / "trainer.json").is_file() else None
     start = int(saved["step"]) if saved else 0
     stage = _resumable(stage, saved, world, ckpt)
-    prepared = prepare_stage(model, stage, seed, start)
+    prepared = prepare_stage(model, stage, seed, start, renderers, pools)
     parts, trained, optimizer, scheduler = prepared.parts, prepared.trained, prepared.optimizer, prepared.scheduler
     step = 0
     if start and sharded:
@@ -704,8 +724,22 @@ def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = No
     model = model.to(device_t)
     t0 = time.perf_counter()
     timings = {}
-    for stage_path in config.stages:
-        stage = StageConfig.load(Path(stage_path))
+    stages = [StageConfig.load(Path(p)) for p in config.stages]
+    sizes = {(s.image_height, s.image_width) for s in stages if s.data is None}
+    pools = {size: scene_pools(config, *size) for size in sizes}
+    for size_pools in pools.values():
+        for name, pool in size_pools.items():
+            if pool.missing():
+                if rank == 0:  # the other ranks wait, then read the same shards
+                    ts = time.perf_counter()
+                    pool.build(progress=progress)
+                    timings[f"scenes:{name}"] = timings.get(f"scenes:{name}", 0.0) + time.perf_counter() - ts
+                    (pool.root / "wall_seconds.txt").write_text(f"{timings[f'scenes:{name}']:.1f}\n")
+                if dist.is_initialized():
+                    dist.barrier()
+            elif (pool.root / "wall_seconds.txt").is_file():
+                timings[f"scenes:{name}"] = float((pool.root / "wall_seconds.txt").read_text())
+    for stage in stages:
         stage_dir = out / stage.name
         final = stage_dir / "model"
         wall = stage_dir / "wall_seconds.txt"  # so a run resumed after this stage still reports its time
@@ -716,7 +750,8 @@ def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = No
                 timings[stage.name] = float(wall.read_text())
             continue
         ts = time.perf_counter()
-        model = train_stage(model, stage, stage_dir, seed=config.seed, max_steps=max_steps, progress=progress)
+        model = train_stage(model, stage, stage_dir, seed=config.seed, max_steps=max_steps, progress=progress,
+                            renderers=config.renderers, pools=pools.get((stage.image_height, stage.image_width)))
         timings[stage.name] = time.perf_counter() - ts
         if max_steps and max_steps < stage.steps:
             return stage_dir  # stopped early on purpose
