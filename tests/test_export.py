@@ -149,3 +149,39 @@ def test_tensorrt_engines_build_and_match_onnxruntime(tiny_model, exported, scen
         predictor.set_image(scene.image)
         results.append(predictor.ask("where is the red cube?", mode="ground").objects[0].box)
     np.testing.assert_allclose(results[0], results[1], atol=1e-2)
+
+
+def reduced_width(config):
+    """The preset's input and output shapes, at a width and depth a test can export:
+    the image sizes, patch grids, windows and the LLM width the mask graph takes stay."""
+    config.vision.hidden_size, config.vision.intermediate_size = 64, 128
+    config.vision.num_hidden_layers, config.vision.num_attention_heads = 2, 2
+    config.sam.encoder_embed_dim, config.sam.encoder_depth, config.sam.encoder_num_heads = 32, 2, 2
+    config.sam.encoder_global_attn_indexes = (1,)
+    config.box_head_hidden = 64
+    return config
+
+
+def test_the_full_presets_shapes_export_with_parity_and_tensorrt_profiles(tmp_path):
+    """`nextchat export --preset full` at a reduced width: CLIP-336's 24x24 patches,
+    SAM's 1024 px input and 64x64 embedding with 14-patch windows, the 4096-wide
+    trigger state; parity as for the shipped model; trtexec profiles at those shapes."""
+    from nextchat_export.onnx_export import parts_model
+
+    from nextchat_ros.model.config import get_preset
+
+    config = reduced_width(get_preset("full"))
+    model = parts_model(config, seed=0)
+    assert model.config.llm.num_hidden_layers == 1 and model.config.llm.hidden_size == 4096
+    manifest = export_onnx(model, tmp_path, fp16=False, lint=False, progress=False)
+    assert manifest["parity"]["all_passed"], (tmp_path / "parity.md").read_text()
+    shapes = {part: entry["input_shapes"] for part, entry in manifest["parts"].items()}
+    assert shapes["vision"]["pixel_values"] == ["batch", 3, 336, 336]
+    assert shapes["sam_encoder"]["pixels"] == ["batch", 3, 1024, 1024]
+    assert shapes["mask"]["image_embedding"] == [1, 256, 64, 64]
+    assert shapes["mask"]["trigger_hidden"] == ["objects", 4096]
+    commands = trtexec_commands(tmp_path)
+    sam = next(c for c in commands if "sam_encoder.onnx" in c)
+    assert "--optShapes=pixels:1x3x1024x1024" in sam
+    mask = next(c for c in commands if "mask.onnx" in c)
+    assert "image_embedding:1x256x64x64" in mask and "trigger_hidden:16x4096" in mask

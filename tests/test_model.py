@@ -249,6 +249,32 @@ def test_the_fused_sam_encoder_equals_segment_anythings(shape):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape", ["tiny", "full_structure"])
+def test_the_vision_tower_runs_sdpa_and_equals_eager_attention(shape):
+    """The CLIP tower's attention is SDPA (transformers' default here, asserted so a
+    change of default is seen), equal to the eager reference on the tiny tower and on
+    a small one with ViT-L/14-336's grid (24 x 24 patches) and linear patch stem."""
+    import copy
+
+    from nextchat_ros.model.config import get_preset
+    from nextchat_ros.model.vision import VisionTower
+
+    config = copy.deepcopy(get_preset("tiny" if shape == "tiny" else "full").vision)
+    if shape == "full_structure":
+        config.hidden_size, config.intermediate_size, config.num_hidden_layers = 64, 128, 3
+        config.num_attention_heads = 4
+    torch.manual_seed(0)
+    tower = VisionTower(config).eval()
+    assert tower.clip.config._attn_implementation == "sdpa"
+    reference = copy.deepcopy(tower)
+    reference.clip.set_attn_implementation("eager")
+    pixels = torch.randn(2, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        want, got = reference(pixels), tower(pixels)
+    assert got.shape == (2, config.num_patches, config.hidden_size)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_masks_of_all_objects_decoded_in_one_call_equal_one_object_at_a_time(tiny_model):
     sam = tiny_model.sam
     torch.manual_seed(0)
