@@ -1,7 +1,7 @@
 """Does the model say "not there", and does its score tell a right box from a wrong one?
 
     .venv/bin/python benchmarks/absence.py [--model DIR] [model options: --help] [--num-scenes 200]
-        [--renderer tabletop | raycast] [--min-score 0.5] [--json out.json]
+        [--renderer tabletop | solids | raycast] [--min-score 0.5] [--json out.json]
 
 For each held-out synthetic scene (seeds no training run used; the project's own
 renderer, or the held-out ray caster; a scene with an unlisted occluded object asks
@@ -11,7 +11,8 @@ no absent question) it asks, the way the node asks (``queries.read_query``'s mod
   - "pick up the {colour} {kind}." about the same absent one.
 A query is refused when the answer keeps no object at ``--min-score`` (the node's
 ``min_score``; each question is asked once, keeping every object, and the objects
-below it are the ones the node drops). It prints the refusal rates,
+below it are the ones the node drops). It prints the refusal rates (the JSON has
+them at every min_score from 0.05 to 0.95, for choosing one),
 and for the object scores of the where-questions: AUROC for telling a right box
 (IoU >= 0.5 with the named object) from a wrong or absent one, and the expected
 calibration error (10 equal-width bins) of the score read as P(right).
@@ -20,7 +21,7 @@ calibration error (10 equal-width bins) of the score read as P(right).
 from __future__ import annotations
 
 import numpy as np
-from common import draw_scene, model_parser, write_json
+from common import RENDERERS, draw_scene, model_parser, write_json
 from tqdm import tqdm
 
 from nextchat_ros.commands.ground import predictor_from_args
@@ -62,13 +63,15 @@ def ask(predictor, question):
 def main(argv=None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--num-scenes", type=int, default=200, help="scenes, three questions each (default 200)")
-    parser.add_argument("--renderer", choices=["tabletop", "raycast"], default="tabletop")
+    parser.add_argument("--renderer", choices=RENDERERS, default="tabletop")
     parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE)
     args = parser.parse_args(argv)
 
     predictor = predictor_from_args(args)
     rng = np.random.default_rng(0)
-    refused = {"present where": [], "absent where": [], "absent pick up": []}
+    # Per question, the highest score of its answer's objects (-1: none): refused at
+    # a min_score when that is below it.
+    best = {"present where": [], "absent where": [], "absent pick up": []}
     scores, right = [], []
     for k in tqdm(range(args.num_scenes), desc="absence", unit="scene"):
         scene = draw_scene(args.renderer, SEED_OFFSET + k)
@@ -80,7 +83,7 @@ def main(argv=None) -> None:
         if unique:
             target = unique[int(rng.integers(len(unique)))]
             answer = ask(predictor, f"where is the {target.color} {target.kind}?")
-            refused["present where"].append(not any(o.score >= args.min_score for o in answer.objects))
+            best["present where"].append(max((o.score for o in answer.objects), default=-1.0))
             for obj in answer.objects[:1]:
                 scores.append(obj.score)
                 right.append(box_iou(obj.box, target.box) >= 0.5)
@@ -90,16 +93,21 @@ def main(argv=None) -> None:
         for name, question in (("absent where", f"where is the {color} {kind}?"),
                                ("absent pick up", f"pick up the {color} {kind}.")):
             answer = ask(predictor, question)
-            refused[name].append(not any(o.score >= args.min_score for o in answer.objects))
+            best[name].append(max((o.score for o in answer.objects), default=-1.0))
             if name == "absent where":
                 for obj in answer.objects[:1]:
                     scores.append(obj.score)
                     right.append(False)
     scores_a, right_a = np.asarray(scores, float), np.asarray(right, bool)
+
+    def refused_at(threshold: float) -> dict[str, float]:
+        return {name: float(np.mean(np.asarray(v) < threshold)) for name, v in best.items()}
     figures = {
         "renderer": args.renderer, "min_score": args.min_score,
-        "refused": {name: float(np.mean(v)) for name, v in refused.items()},
-        "questions": {name: len(v) for name, v in refused.items()},
+        "refused": refused_at(args.min_score),
+        "questions": {name: len(v) for name, v in best.items()},
+        # Every min_score at once, for choosing one (on renderers the model was trained on).
+        "refused_by_min_score": {f"{t:.2f}": refused_at(t) for t in np.round(np.arange(0.05, 1.0, 0.05), 2)},
         "score_auroc_right_vs_wrong_or_absent": auroc(scores_a, right_a),
         "score_expected_calibration_error": expected_calibration_error(scores_a, right_a),
         "score_min": float(scores_a.min()) if len(scores_a) else float("nan"),

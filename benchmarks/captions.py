@@ -2,7 +2,7 @@
 find the objects that are there?
 
     .venv/bin/python benchmarks/captions.py [--model DIR] [model options: --help] [--num-scenes 200]
-        [--renderer tabletop | raycast] [--json out.json]
+        [--renderer tabletop | solids | raycast] [--json out.json]
 
 Asks "describe the image." about held-out scenes (seeds no training run used) and
 reports, over the answers, the share with two objects at one box (decoder boxes at
@@ -13,7 +13,7 @@ answer decoded (``Answer.location_boxes``: what it returned before merging).
 
 from __future__ import annotations
 
-from common import draw_scene, model_parser, write_json
+from common import RENDERERS, draw_scene, model_parser, write_json
 from tqdm import tqdm
 
 from nextchat_ros.commands.ground import predictor_from_args
@@ -37,7 +37,7 @@ def matched(pred_boxes, true_boxes) -> tuple[int, int]:
 def main(argv=None) -> None:
     parser = model_parser(__doc__)
     parser.add_argument("--num-scenes", type=int, default=200)
-    parser.add_argument("--renderer", choices=["tabletop", "raycast"], default="tabletop")
+    parser.add_argument("--renderer", choices=RENDERERS, default="tabletop")
     args = parser.parse_args(argv)
     predictor = predictor_from_args(args)
     tallies = {name: {"duplicates": 0, "found": 0, "right": 0, "boxes": 0} for name in ("returned", "decoded")}

@@ -18,13 +18,21 @@ def model_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+RENDERERS = ("tabletop", "solids", "raycast")
+
+
 def draw_scene(renderer: str, seed: int):
-    """A held-out scene of ``renderer`` (tabletop: the project's, no photo background;
-    raycast: the renderer no training run sees), 320x240."""
+    """A held-out scene of ``renderer`` (tabletop: the 2D painter, no photo background;
+    solids: the 3D training renderer, a seed its training pool does not hold; raycast:
+    the renderer no training run sees), 320x240."""
     if renderer == "raycast":
         from nextchat_ros.synthetic.raycast import render_raycast
 
         return render_raycast(seed, height=240, width=320)
+    if renderer == "solids":
+        from nextchat_ros.synthetic.solids import render_solids
+
+        return render_solids(seed, height=240, width=320)
     from nextchat_ros.synthetic.scenes import render_scene
 
     return render_scene(seed, height=240, width=320, photo_probability=0.0)

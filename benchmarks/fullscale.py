@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 
 import numpy as np
 import torch
+from common import write_json
 from engine import DTYPES, Timer, build, one_trigger_no_end
 from segment_anything.modeling.image_encoder import Attention
 
@@ -201,9 +201,7 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     if "peak_gpu_memory_gb" in figures:
         print(f"peak GPU memory: {figures['peak_gpu_memory_gb']:.1f} GB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

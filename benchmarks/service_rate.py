@@ -20,13 +20,13 @@ answers mean nothing, the time and memory are those of the released shapes.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import threading
 import time
 
 import torch
+from common import write_json
 from engine import DTYPES, build
 
 from nextchat_ros.predictor import NextChatPredictor
@@ -114,9 +114,7 @@ def main() -> None:
     print("first query's stages (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     if "peak_gpu_memory_gb" in figures:
         print(f"peak GPU memory {figures['peak_gpu_memory_gb']:.1f} GB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

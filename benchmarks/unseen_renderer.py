@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/unseen_renderer.py [--model DIR] [--num-scenes 300] [--out out/unseen_renderer]
 
-The project's scenes (``nextchat_ros.synthetic.scenes``) are flat 2D drawings;
+The model is trained on two renderers, flat 2D drawings (``synthetic.scenes``) and
+3D solids splatted into a z-buffer (``synthetic.solids``);
 ``nextchat_ros.synthetic.raycast`` renders the same kinds, colours and sizes by a
 code path that shares nothing with them (perspective, shaded solids, cast shadows,
 textures, camera effects; exact masks). ``nextchat evaluate --dataset raycast``
-gives the full metric set on it; this script puts the two renderers side by side
+gives the full metric set on it; this script puts the three renderers side by side
 on the same questions per scene and writes a contact sheet.
 
 The questions come from the project's own question code
@@ -14,8 +15,9 @@ The questions come from the project's own question code
 the only difference from ``nextchat evaluate``'s held-out figures is the drawing.
 It prints REC Acc@0.5 (all expressions and per kind of expression), mask mIoU,
 yes/no accuracy / precision / recall and region-caption accuracy on the ray-cast
-scenes beside the same number of held-out scenes of the project's renderer, and
-writes a contact sheet of ray-cast scenes to --out.
+scenes beside the same number of held-out scenes of each renderer training draws
+(the 2D painter and the 3D solids), and writes a contact sheet of ray-cast scenes
+to --out.
 
 No training run uses the ray-cast renderer: it is held out, for measuring only.
 """
@@ -70,17 +72,18 @@ def main(argv=None) -> None:
     predictor = predictor_from_args(args)
     raycast = [render_raycast(SEED_OFFSET + k) for k in tqdm(range(args.num_scenes), desc="render", unit="scene")]
     contact_sheet(raycast[:12], args.out / "raycast_scenes.png")
-    stream = SyntheticTabletop("heldout")
-    own = [stream.scene_samples(k, 1)[0] for k in range(args.num_scenes)]
-    figures = {"raycast (unseen)": score_samples(predictor, questions(raycast, np.random.default_rng(1)), "raycast"),
-               "project's renderer (held-out seeds)": score_samples(
-                   predictor, questions(own, np.random.default_rng(1)), "project")}
+    figures = {"raycast (unseen)": score_samples(predictor, questions(raycast, np.random.default_rng(1)), "raycast")}
+    for name in ("tabletop", "solids"):  # the renderers training draws, on held-out seeds
+        stream = SyntheticTabletop("heldout", renderer=name)
+        seen = [stream.scene_samples(k, 1)[0] for k in range(args.num_scenes)]
+        figures[f"{name} (trained on; held-out seeds)"] = score_samples(
+            predictor, questions(seen, np.random.default_rng(1)), name)
     keys = [k for k in next(iter(figures.values())) if isinstance(next(iter(figures.values()))[k], float)
             and k.split("_")[0] in ("rec", "mask", "pope", "region")]
     names = list(figures)
-    print(f"{'metric':<44}" + "".join(f"{n:>38}" for n in names))
+    print(f"{'metric':<44}" + "".join(f"{n:>36}" for n in names))
     for key in keys:
-        print(f"{key:<44}" + "".join(f"{figures[n].get(key, float('nan')):>38.3f}" for n in names))
+        print(f"{key:<44}" + "".join(f"{figures[n].get(key, float('nan')):>36.3f}" for n in names))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "figures.json").write_text(json.dumps(figures, indent=2, default=str))
     print(f"contact sheet: {args.out / 'raycast_scenes.png'}; figures: {args.out / 'figures.json'}")

@@ -5,7 +5,8 @@
 Reads the run's report.json (stages, wall time, held-out metrics) and writes
 README.md (the model card) beside config.json, model.safetensors and tokenizer.json.
 The metrics can instead come from a later `nextchat evaluate --num-samples 1000 --json`
-of the same weights (--metrics), when the predictor changed after training.
+of the same weights (--metrics), when the predictor changed after training, and
+--sections adds hand-written sections (figures of other commands) to the card.
 
 Each quality bar is a metric of one task, and the mixed evaluation asks only part
 of its 1000 questions of that task (e.g. ~180 yes/no questions). With
@@ -50,6 +51,9 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("out/train/tiny"))
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--note", default="", help="a paragraph for the card (how the run went)")
+    parser.add_argument("--sections", type=Path, default=None, metavar="FILE",
+                        help="a markdown file of hand-written sections (figures measured by other commands), "
+                             "placed after the quality bars")
     parser.add_argument("--metrics", type=Path, default=None,
                         help="held-out metrics from `nextchat evaluate --json` of these weights, instead of the "
                              "run's report.json (e.g. after a change to the predictor)")
@@ -119,6 +123,9 @@ def main() -> None:
     status = (f"**Status: below the quality bars ({', '.join(missed)}).** Where a bar is missed, this model's "
               "answers are not reliable; it ships so that every part of the pipeline runs with a trained "
               "model, and as the baseline to beat." if missed else "Status: meets every quality bar.")
+    if args.sections is not None:
+        at = lines.index(mixed_heading)
+        lines[at:at] = [args.sections.read_text().strip(), ""]
     lines[4:4] = ["", status, ""]
     if args.note:
         lines[7:7] = [args.note, ""]

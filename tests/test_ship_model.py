@@ -40,9 +40,13 @@ def test_bars_are_judged_on_questions_of_their_own_task(tmp_path):
     rec.write_text(json.dumps({"num_samples": 1000, "rec_acc@0.5": 0.771, "mask_miou": 0.663,
                                "task_counts": {"rec": 1000, "pope": 0}}))
 
-    mixed_only = ship(run, tmp_path / "a")
+    sections = tmp_path / "sections.md"
+    sections.write_text("## On a renderer it never saw\n\nREC 0.5 there.\n")
+    mixed_only = ship(run, tmp_path / "a", "--sections", sections)
     assert mixed_only.returncode == 0, mixed_only.stderr
     card = (tmp_path / "a" / "README.md").read_text()
+    # hand-written sections are kept, before the generated tables of the mixed evaluation
+    assert card.index("## On a renderer it never saw\n\nREC 0.5 there.") < card.index("## Held-out metrics")
     assert "| pope_accuracy | 0.895 | >= 0.9: MISSED by 0.005 |" in card
     assert "below the quality bars (pope_accuracy)" in card
 

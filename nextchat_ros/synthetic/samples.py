@@ -193,11 +193,6 @@ def _grounded_caption_sample(scene: Scene, objs: list[SceneObject], rng: np.rand
 
 
 def _count_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
-    if rng.random() < 0.25:  # every listed object
-        n = len(objs)
-        verb, noun = ("is", "object") if n == 1 else ("are", "objects")
-        return Sample("count", "how many objects are there?", f"there {verb} {NUMBERS[n]} {noun}.",
-                      truth={"count": n, "kind": "object"})
     kind = (objs[int(rng.integers(len(objs)))].kind if rng.random() < 0.8
             else KINDS[int(rng.integers(len(KINDS)))])
     n = sum(o.kind == kind for o in objs)

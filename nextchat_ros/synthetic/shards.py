@@ -12,6 +12,7 @@ it changes nothing but time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -55,10 +56,8 @@ def _write_shard(job: tuple) -> int:
     np.save(tmp / "masks.npy", np.stack(masks) if masks else np.zeros((0, (height * width + 7) // 8), np.uint8))
     (tmp / "scenes.json").write_text(json.dumps({"format": FORMAT, "height": height, "width": width,
                                                  "scenes": records}))
-    try:
+    with contextlib.suppress(OSError):  # another process finished the same shard first
         tmp.rename(out)
-    except OSError:  # another process finished the same shard first
-        pass
     return count
 
 
@@ -112,7 +111,8 @@ class ScenePool:
             meta = json.loads((path / "scenes.json").read_text())
             if meta.get("format") != FORMAT or (meta["height"], meta["width"]) != (self.height, self.width):
                 raise ValueError(f"{path} holds scenes of another format or size; delete it to render it again")
-            self._open[index] = (np.load(path / "images.npy", mmap_mode="r"), np.load(path / "depth.npy", mmap_mode="r"),
+            self._open[index] = (np.load(path / "images.npy", mmap_mode="r"),
+                                 np.load(path / "depth.npy", mmap_mode="r"),
                                  np.load(path / "masks.npy", mmap_mode="r"), meta["scenes"])
         return self._open[index]
 

@@ -156,7 +156,8 @@ def _kind_surface(rng, kind: str, s: float, density: float):
         top, height = s * rng.uniform(0.75, 0.95), s * rng.uniform(1.2, 1.7)
         bottom, wall = top * rng.uniform(0.65, 0.95), 0.08 * top
         # Outside up, over the rim, down the inside (normals towards the axis), the inner floor.
-        profile = [(0, 0), (bottom, 0), (top, height), (top - wall, height), (bottom - wall, wall * 1.5), (0, wall * 1.5)]
+        profile = [(0, 0), (bottom, 0), (top, height), (top - wall, height), (bottom - wall, wall * 1.5),
+                   (0, wall * 1.5)]
         albedo = [1.0, 1.0, 1.0, 0.45, 0.35]
         n = _surface_area_points(rng, 4 * np.pi * top * height, density)
         p, nrm, f = _lathe(rng, n, profile, albedo)
@@ -280,7 +281,7 @@ def _table_texture(rng, x, y) -> np.ndarray:
         other = base * rng.uniform(0.7, 1.3, 3)
         check = ((np.floor(x / size) + np.floor(y / size)) % 2)[..., None]
         grout = ((np.abs((x / size) % 1 - 0.5) > 0.47) | (np.abs((y / size) % 1 - 0.5) > 0.47))[..., None]
-        colour = np.where(check > 0, base, other) if rng.random() < 0.6 else np.broadcast_to(base, x.shape + (3,))
+        colour = np.where(check > 0, base, other) if rng.random() < 0.6 else np.broadcast_to(base, (*x.shape, 3))
         return np.where(grout, base * 0.5, colour)
     if style == "stone":
         return base * (1 + 0.2 * _noise_field(rng, x, y, rng.uniform(0.05, 0.3)))[..., None]
@@ -345,7 +346,7 @@ def _render(rng, seed: int, height: int, width: int, num_objects: tuple[int, int
     n = int(rng.integers(num_objects[0], num_objects[1] + 1))
     n_clutter = int(rng.choice([0, 0, 1, 2]))
     placed, used = [], set()
-    for attempt in range(60):
+    for _ in range(60):
         if len(placed) == n + n_clutter:
             break
         clutter = len([p for p in placed if p["listed"]]) >= n
