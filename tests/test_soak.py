@@ -4,6 +4,7 @@ is answered about it or refused, the node's log has no exception, the diagnostic
 the camera stall, and the node answers normally again after every fault."""
 
 import os
+import time
 
 import pytest
 
@@ -18,6 +19,11 @@ def test_every_fault_once_every_query_one_result_and_recovery(tmp_path):
     try:
         soak.start()
         soak.run(FAULTS, cycles=1)
+        # Each fault's recovery is judged on every query after it, so the earlier ones
+        # have the rest of the run; the last one (the vanishing client, whose long
+        # "describe the image." holds the worker) would have only `recovery` seconds.
+        # A CI run once needed more than 6 s there.
+        time.sleep(10.0)
         soak.drain(timeout=60.0)
     finally:
         end = soak.close()
