@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 
@@ -58,3 +59,12 @@ def median_ms(fn, args=(), repeats: int = 10, sync=lambda: None, warmup: int = 1
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def run_info(device, preset: str, dtype: str) -> dict:
+    """What a timing was measured on: the machine, the device, torch, the preset and dtype."""
+    import torch
+
+    return {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu, {torch.get_num_threads()} threads", "torch": torch.__version__, "preset": preset, "dtype": dtype}

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 
 import numpy as np
 import torch
-from common import median_ms
+from common import median_ms, run_info
 
 from nextchat_ros.model import build_model
 from nextchat_ros.model.build import DEFAULT_MODEL_DIR
@@ -188,10 +187,7 @@ def main() -> None:
     query = "is the small red cube left of the large blue ball, and which of them is nearer to the green cup?"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    figures = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, "
-               f"{torch.get_num_threads()} threads", "torch": torch.__version__, "preset": args.preset,
-               "dtype": args.dtype, "llm_precision": args.llm_precision,
+    figures = {**run_info(device, args.preset, args.dtype), "llm_precision": args.llm_precision,
                "eager": stages(eager, image, query, timer), "engine": stages(engine, image, query, timer)}
     figures["engine_vs_eager"] = {k: figures["eager"][k] / figures["engine"][k] for k in figures["eager"]
                                   if k.endswith("_ms") or k == "ms_per_token"}

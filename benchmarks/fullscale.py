@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 
 import numpy as np
 import torch
-from common import write_json
+from common import run_info, write_json
 from engine import DTYPES, Timer, build, one_trigger_no_end
 from segment_anything.modeling.image_encoder import Attention
 
@@ -166,10 +165,7 @@ def main() -> None:
     other = render_scene(12, height=480, width=640).image
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    figures = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"cpu, {torch.get_num_threads()} threads", "torch": torch.__version__, "preset": args.preset,
-               "dtype": args.dtype}
+    figures = run_info(device, args.preset, args.dtype)
     figures.update(encoder_stages(model, image, timer, args.compile))
     # The eager predictor first: the engine then makes the LLM's projections views of
     # its fused matrices, which the eager forward reads as they are.

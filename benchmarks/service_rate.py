@@ -20,13 +20,12 @@ answers mean nothing, the time and memory are those of the released shapes.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import threading
 import time
 
 import torch
-from common import write_json
+from common import run_info, write_json
 from engine import DTYPES, build
 
 from nextchat_ros.predictor import NextChatPredictor
@@ -99,10 +98,7 @@ def main() -> None:
     finally:
         service.close()
     stages = {k: statistics.median(t[k] for t in timings if k in t) for k in timings[0]}
-    figures = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"cpu, {torch.get_num_threads()} threads", "torch": torch.__version__, "preset": args.preset,
-               "dtype": args.dtype, "first_query_ms": statistics.median(first),
+    figures = {**run_info(device, args.preset, args.dtype), "first_query_ms": statistics.median(first),
                "second_query_ms": statistics.median(second), "frames_per_second_answered": rate,
                "first_query_stages_ms": stages}
     if device.type == "cuda":
