@@ -49,7 +49,7 @@ def main() -> None:
 
     if args.device.startswith("cuda"):
         model = load_pretrained(args.model) if args.model else build_model(args.preset, seed=0)
-        model = model.to(args.device, torch.float16).eval()
+        model = model.to(args.device).set_precision(torch.float16).eval()
         backend = TorchBackend(model)
         print(f"torch fp16 on {torch.cuda.get_device_name(0)}, preset {args.preset}")
         with torch.inference_mode():

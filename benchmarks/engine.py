@@ -12,8 +12,8 @@ frame batched against one at a time, and peak GPU memory. ``--preset full`` buil
 the released shapes (Vicuna-7B LLM, CLIP ViT-L/14-336, SAM ViT-H) with random
 weights: latency does not depend on the values, and the tiny tokenizer stands in
 for the real one (the LLM keeps the released 32,005-token vocabulary).
-``--llm-precision int8 | int4`` quantises the engine's LLM; the eager reference
-then runs an unquantised copy. ``--json`` writes the figures.
+``--llm-precision fp16 | bf16 | int8 | int4`` casts or quantises the engine's LLM;
+the eager reference then runs a copy in the model's dtype. ``--json`` writes the figures.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ ANSWER_TOKENS = 16
 
 def build(preset: str, device: str, dtype: torch.dtype):
     if preset == "tiny":
-        return load_pretrained(DEFAULT_MODEL_DIR, device=device).to(dtype)
+        return load_pretrained(DEFAULT_MODEL_DIR, device=device).set_precision(dtype)
     config = get_preset(preset)
     config.tokens = SpecialTokens()  # the tiny tokenizer's names
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in place on the device, in its dtype
     try:
         with torch.device(device):
-            return build_model(config, seed=0).eval()
+            return build_model(config, seed=0).set_precision(dtype).eval()
     finally:
         torch.set_default_dtype(previous)
 
@@ -178,7 +178,8 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
 
     model = build(args.preset, args.device, dtype)
-    reference = copy.deepcopy(model) if args.llm_precision in ("int8", "int4") else model
+    # Another LLM precision than the model's casts or quantises the engine's LLM in place.
+    reference = copy.deepcopy(model) if args.llm_precision != "auto" else model
     # The eager predictor first: the engine then makes the LLM's projections views
     # of its fused matrices, which the eager forward reads as they are.
     eager = NextChatPredictor(reference, device=device, dtype=dtype, decoder="eager")

@@ -84,7 +84,7 @@ def encoder_stages(model, image: np.ndarray, timer: Timer, compiled: bool) -> di
     generator = torch.Generator().manual_seed(0)
     for count in (1, 8):  # the segmentation prompt MLP + SAM's prompt encoder and mask decoder
         xy = torch.rand(count, 2, generator=generator) * 0.5
-        boxes = torch.cat([xy, xy + 0.3], 1).to(device, dtype)
+        boxes = torch.cat([xy, xy + 0.3], 1).to(device)  # boxes are fp32 (nextchat.FP32_PARTS)
         hidden = torch.randn(count, model.config.llm.hidden_size, generator=generator).to(device, dtype)
 
         def one_at_a_time(boxes=boxes, hidden=hidden, count=count):

@@ -46,8 +46,8 @@ PARAMETER_ARGUMENTS = {
     "model_dir": "model directory (default: the params file's; '' there = the shipped model)",
     "backend": "torch | onnxruntime | tensorrt (default: the params file's)",
     "export_dir": "`nextchat export` output (default: the params file's; '' there = model_dir/export)",
-    "precision": "exported graphs to run: fp32 | fp16 (default: the params file's)",
-    "llm_precision": "the LLM's weights: auto | fp32 | bf16 | int8 | int4 (default: the params file's)",
+    "precision": "what the model runs in: fp32 | fp16 | bf16 (box heads fp32; default: the params file's)",
+    "llm_precision": "the LLM's weights: auto | fp32 | fp16 | bf16 | int8 | int4 (default: the params file's)",
     "device": "torch device, e.g. cpu or cuda:0 (default: the params file's)",
 }
 NO_PROFILE = "none"

@@ -19,7 +19,7 @@ import torch
 
 from .errors import BackendError
 from .model.parts import MaskPart, SamEncoderPart, VisionPart
-from .options import BACKENDS, PRECISIONS
+from .options import BACKENDS, EXPORT_PRECISIONS
 from .tensorrt_engines import build_engine, import_tensorrt, stale_engine_reason
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,9 @@ class OnnxRuntimeBackend(_ExportedBackend):
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         variant = precision or manifest.get("default_precision", "fp32")
-        if variant not in PRECISIONS:
-            raise BackendError(f"unknown precision '{variant}'; choose one of {PRECISIONS}")
+        if variant not in EXPORT_PRECISIONS:
+            raise BackendError(f"exported graphs come in {' and '.join(EXPORT_PRECISIONS)}, not '{variant}' "
+                               "(bf16 runs on the torch backend)")
         self.precision = variant
         self.sessions = {}
         for part in PARTS:
@@ -237,9 +238,12 @@ def load_backend(name: str, model, export_dir: str | Path | None = None, fallbac
     rebuilt from its ONNX graph when ``rebuild_engines`` is set; otherwise (or when
     that fails) it falls back to ONNX Runtime with a warning when ``fallback`` is set.
     ``precision``: which exported graphs to run (fp32 | fp16; default: the export's
-    own); torch ignores it."""
+    own); torch ignores it (the predictor casts the model)."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'; choose one of {BACKENDS}")
+    if name != "torch" and precision is not None and precision not in EXPORT_PRECISIONS:
+        raise BackendError(f"exported graphs come in {' and '.join(EXPORT_PRECISIONS)}, not '{precision}' "
+                           "(bf16 runs on the torch backend)")
     if name == "torch":
         return TorchBackend(model)
     if export_dir is None:

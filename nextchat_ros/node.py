@@ -86,11 +86,12 @@ class NodeParameters:
     model_dir: str = ""
     backend: str = "torch"
     export_dir: str = ""
-    # Exported graphs to run with onnxruntime / tensorrt: fp32 | fp16 ("" = the export's default).
+    # What the model runs in: fp32 | fp16 | bf16 ("" = fp32; the box heads stay fp32); with
+    # onnxruntime / tensorrt, the export's graphs of it ("" = the export's default graphs).
     precision: str = ""
     # A TensorRT engine built for another TensorRT / GPU / model is rebuilt from its ONNX graph.
     rebuild_engines: bool = False
-    # The LLM's weights: auto (the model's dtype) | fp32 | bf16 | int8 | int4 (weight-only).
+    # The LLM's weights: auto (precision's) | fp32 | fp16 | bf16 | int8 | int4 (weight-only).
     llm_precision: str = "auto"
     device: str = "cpu"
     max_image_age: float = 2.0

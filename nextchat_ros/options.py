@@ -4,8 +4,12 @@ argument errors must not wait for torch to import."""
 
 # Where the vision and mask parts run (backends.py); the LLM always runs in torch.
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-# Precisions of the exported graphs (`nextchat export --fp16` adds fp16).
-PRECISIONS = ("fp32", "fp16")
+# The precision the model runs in (`precision` on the CLI, the node and the launch file):
+# every part but the box heads and SAM's prompt encoder, which stay fp32
+# (model/nextchat.FP32_PARTS). The exported backends run graphs of it, and exports come
+# in fp32 and, with `nextchat export --fp16`, fp16.
+PRECISIONS = ("fp32", "fp16", "bf16")
+EXPORT_PRECISIONS = ("fp32", "fp16")
 # Longest answer, in tokens, unless a caller asks otherwise (the node's max_new_tokens too).
 DEFAULT_MAX_NEW_TOKENS = 48
 # Objects scored below this are dropped (the node's min_score too); an object's score is
@@ -19,5 +23,6 @@ DEFAULT_MIN_SCORE = 0.0
 # How the predictor runs the LLM (engine/decoders.py): the static-cache engine, or
 # transformers' own forward over a DynamicCache (the reference it is checked against).
 DECODERS = ("engine", "eager")
-# The LLM's precision (engine/quantize.py); auto = the predictor's dtype.
-LLM_PRECISIONS = ("auto", "fp32", "bf16", "int8", "int4")
+# The LLM's precision (engine/quantize.py), where it should differ from `precision`;
+# auto = the predictor's dtype.
+LLM_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")

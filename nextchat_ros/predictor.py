@@ -24,7 +24,7 @@ import torch
 
 from .backends import TorchBackend, load_backend
 from .engine.decoders import EagerDecoder, StaticDecoder
-from .engine.quantize import llm_dtype, quantize_linears
+from .engine.quantize import FLOAT_DTYPES, llm_dtype, quantize_linears
 from .errors import ImageError, ModelFileError, QueryError
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -115,7 +115,9 @@ class NextChatPredictor:
                  dtype: torch.dtype = torch.float32, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  backend=None, decoder: str = "engine", llm_precision: str = "auto",
                  cuda_graphs: bool | None = None, max_batch: int = 8):
-        """``backend``: where the vision and mask parts run (``backends.load_backend``);
+        """``dtype``: the precision of every part of the model (``NextChatModel.set_precision``:
+        the box heads and SAM's prompt encoder stay fp32).
+        ``backend``: where the vision and mask parts run (``backends.load_backend``);
         default torch. The LLM always runs in torch, through ``decoder``
         (``options.DECODERS``): ``engine``, the static-cache engine (queries batched,
         its decode step captured as a CUDA graph where ``cuda_graphs``, default: on
@@ -125,7 +127,7 @@ class NextChatPredictor:
         if decoder not in DECODERS:
             raise ValueError(f"decoder '{decoder}' is not one of {DECODERS}")
         self.device = torch.device(device) if device is not None else model.device
-        self.model = model.to(self.device, dtype).eval()
+        self.model = model.to(self.device).set_precision(dtype).eval()
         self.backend = backend if backend is not None else TorchBackend(self.model)
         self.max_image_pixels = max_image_pixels
         self.decoder = self._make_decoder(decoder, llm_precision, cuda_graphs, max_batch)
@@ -288,7 +290,7 @@ class NextChatPredictor:
 
     def _region_boxes(self, frame: _Frame, region_px: np.ndarray) -> torch.Tensor:
         normalized = pixels_to_normalized(region_px, frame.height, frame.width)
-        return torch.as_tensor(normalized, dtype=self.model.dtype, device=self.device).view(-1, 4)
+        return torch.as_tensor(normalized, dtype=torch.float32, device=self.device).view(-1, 4)
 
     def _embed_query(self, frame: _Frame, ids: list[int], region_boxes: torch.Tensor) -> torch.Tensor:
         """Token ids with their location slots filled from the region boxes -> (Q, D)."""
@@ -428,7 +430,7 @@ class NextChatPredictor:
         if not objects:
             return
         prompt = self.model.prompt
-        no_regions = torch.zeros(0, 4, device=self.device, dtype=self.model.dtype)
+        no_regions = torch.zeros(0, 4, device=self.device)
         for first in range(0, len(objects), self.decoder.max_rows):
             chunk = objects[first:first + self.decoder.max_rows]
             ids = [prompt.question(q, 0).ids for q in questions[first:first + self.decoder.max_rows]]
@@ -517,7 +519,7 @@ class NextChatPredictor:
         model = self.model
         objects = [obj for answer, _ in answered for obj in answer.objects]
         hidden = torch.stack([h for _, hiddens in answered for h in hiddens])
-        boxes = torch.stack([torch.as_tensor(o.box_normalized) for o in objects]).to(self.device, model.dtype)
+        boxes = torch.stack([torch.as_tensor(o.box_normalized) for o in objects]).to(self.device, torch.float32)
         low, iou = self.backend.masks(frame.sam_embedding, boxes, hidden)
         logits = model.sam.postprocess_masks(low, frame.height, frame.width)
         masks = (logits > model.config.sam.mask_threshold).cpu().numpy()
@@ -551,9 +553,13 @@ def load_predictor(model_dir: str | Path | None = None, backend: str = "torch", 
     """The one way to make a predictor (the node, every command, the benchmarks).
 
     ``model_dir``: a model directory; None or "" = the shipped tiny model.
+    ``precision`` (``options.PRECISIONS``, default fp32): what every part runs in, the
+    box heads and SAM's prompt encoder excepted (fp32 always); the LLM too unless
+    ``llm_precision`` says otherwise.
     ``backend``: where the vision and mask parts run (``backends.BACKENDS``); the
-    exported ones read ``export_dir`` (default ``model_dir/export``) in ``precision``
-    (fp32 | fp16; default: the export's own). A TensorRT engine that cannot run here
+    exported ones read ``export_dir`` (default ``model_dir/export``) and run its graphs
+    of ``precision`` (fp32 | fp16; when not given, the export's own graphs, with the
+    parts in torch in fp32). A TensorRT engine that cannot run here
     is rebuilt from its ONNX graph with ``rebuild_engines``, else falls back to ONNX
     Runtime with a logged warning; the predictor's ``backend.fallback_reason`` says
     why. ``llm_precision`` / ``decoder``: how the LLM runs (``NextChatPredictor``).
@@ -569,8 +575,9 @@ def load_predictor(model_dir: str | Path | None = None, backend: str = "torch", 
     if backend != "torch" and not export_dir:
         export_dir = model_dir / "export"
     parts = load_backend(backend, model, export_dir, precision=precision, rebuild_engines=rebuild_engines)
-    return NextChatPredictor(model, device=device, max_image_pixels=max_image_pixels, backend=parts,
-                             decoder=decoder, llm_precision=llm_precision)
+    return NextChatPredictor(model, device=device, dtype=FLOAT_DTYPES[precision or "fp32"],
+                             max_image_pixels=max_image_pixels, backend=parts, decoder=decoder,
+                             llm_precision=llm_precision)
 
 
 __all__ = ["DECODERS", "DUPLICATE_IOU", "LLM_PRECISIONS", "MODES", "Answer", "GroundedObject", "NextChatPredictor",

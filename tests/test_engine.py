@@ -168,15 +168,15 @@ def test_the_cache_holds_a_frame_once_and_is_not_reallocated_between_queries(pre
     assert llama.rows == 3  # grown once for the batch, kept after
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "int8", "int4"])
 def test_llm_precision_runs_and_stays_close_to_fp32(precision):
     from nextchat_ros.predictor import load_predictor
 
     reference = load_predictor()
     quantized = load_predictor(llm_precision=precision)
     layer = quantized.decoder.llama.layers[0]
-    if precision == "bf16":
-        assert layer.qkv.weight.dtype == torch.bfloat16
+    if precision in ("bf16", "fp16"):
+        assert layer.qkv.weight.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     else:
         assert type(layer.qkv.weight).__name__ != "Parameter"  # a torchao quantised tensor
     stream = SyntheticTabletop("heldout", {"rec": 1.0}, height=240, width=320)

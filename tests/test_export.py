@@ -185,3 +185,32 @@ def test_the_full_presets_shapes_export_with_parity_and_tensorrt_profiles(tmp_pa
     assert "--optShapes=pixels:1x3x1024x1024" in sam
     mask = next(c for c in commands if "mask.onnx" in c)
     assert "image_embedding:1x256x64x64" in mask and "trigger_hidden:16x4096" in mask
+
+
+def test_a_graph_over_protobufs_limit_keeps_its_weights_in_one_file_and_converts_to_fp16(tmp_path, monkeypatch):
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from nextchat_export import onnx_export
+
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    path = tmp_path / "big.onnx"
+    torch.onnx.export(module, (torch.randn(2, 64),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}}, dynamo=False)
+    # What torch writes for a graph over 2 GB (SAM ViT-H in fp32): each weight in a file of its own.
+    onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=0)
+    assert len(list(tmp_path.iterdir())) == 5
+    onnx_export._gather_external_data(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert onnx_export.polygraphy_lint(path)["lint"].startswith("not run: polygraphy cannot load a graph over")
+    # The fp16 copy of such a graph: shapes inferred from the file, weights written beside it.
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 0)
+    onnx_export.to_fp16(path, tmp_path / "big.fp16.onnx")
+    assert (tmp_path / "big.fp16.onnx.data").is_file()
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    for name, tolerance in (("big.onnx", 1e-5), ("big.fp16.onnx", 1e-2)):
+        session = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, atol=tolerance)

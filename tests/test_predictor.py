@@ -241,3 +241,35 @@ def test_case_spacing_and_a_closing_mark_do_not_change_the_answer(predictor, mod
         answer = predictor.ask(typed, mode=mode, max_new_tokens=8)
         assert (answer.text, answer.token_ids) == (reference.text, reference.token_ids), typed
         np.testing.assert_array_equal(answer.location_boxes, reference.location_boxes)
+
+
+def test_one_precision_runs_every_part_but_the_box_heads_which_stay_fp32():
+    from nextchat_ros.errors import BackendError
+    from nextchat_ros.model.nextchat import FP32_PARTS
+    from nextchat_ros.predictor import load_predictor
+    from nextchat_ros.synthetic.samples import SyntheticTabletop
+
+    full, half = load_predictor(precision="fp32"), load_predictor(precision="bf16")
+    assert half.model.dtype == torch.bfloat16
+    for name, tensor in [*half.model.named_parameters(), *half.model.named_buffers()]:
+        if tensor.is_floating_point():
+            kept = name.startswith(tuple(part + "." for part in FP32_PARTS))
+            assert tensor.dtype == (torch.float32 if kept else torch.bfloat16), name
+    assert half.decoder.llama.layers[0].qkv.weight.dtype == torch.bfloat16
+    stream = SyntheticTabletop("heldout", {"rec": 1.0}, height=240, width=320)
+    for index in range(3):
+        scene, sample = stream.item(index)
+        answers = []
+        for p in (full, half):
+            p.set_image(scene.image)
+            answers.append(p.ask(sample.question, mode="ground").objects[0])
+        a, b = answers
+        # A bf16 LLM moves the hidden state, not the head: the box follows within a pixel or two.
+        assert np.abs(a.box_normalized - b.box_normalized).max() < 0.01
+        assert (a.mask & b.mask).sum() / max(1, (a.mask | b.mask).sum()) > 0.9
+    # The box head computes in fp32 from a bf16 hidden state: the fp32 model's head, exactly.
+    hidden = torch.randn(5, half.model.config.llm.hidden_size).to(torch.bfloat16)
+    torch.testing.assert_close(half.model.box_decoder.decode(hidden), full.model.box_decoder.decode(hidden.float()),
+                               rtol=0, atol=0)
+    with pytest.raises(BackendError, match="exported graphs come in fp32 and fp16, not 'bf16'"):
+        load_predictor(backend="onnxruntime", precision="bf16")

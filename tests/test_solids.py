@@ -88,6 +88,8 @@ def test_a_renderer_mix_draws_each_item_from_one_renderer_by_its_seed(tmp_path):
                                pools={"solids": pool})
     # Item i shows the pool's scene i % 4: item 5 is scene 1 with a question of its own.
     np.testing.assert_array_equal(pooled.item(5)[0].image, render_solids(1, height=96, width=128).image)
+    with pytest.raises(ValueError, match="the heldout split at 128x96 starts at seed 1000000000"):
+        SyntheticTabletop("heldout", height=96, width=128, renderer="solids", pools={"solids": pool})
     with pytest.raises(ValueError, match="held out"):
         SyntheticTabletop("train", renderer={"solids": 1.0, "raycast": 0.1})
     with pytest.raises(ValueError, match="no renderer"):

@@ -3,8 +3,8 @@
 Uses torch's TorchScript-based exporter (``dynamo=False``): it exports all three
 parts with their dynamic axes (segment-anything's MaskDecoder, with a dynamic
 number of objects, does not go through torch.export). Weights are embedded in
-each .onnx file (all parts are far below the 2 GB protobuf limit for the tiny
-preset; ViT-H's SAM encoder is written with external data automatically).
+each .onnx file where it fits protobuf's 2 GB; a larger graph (SAM ViT-H's encoder
+in fp32) keeps its weights in one ``<graph>.onnx.data`` file beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from nextchat_ros.model.vision import preprocess_image as vision_preprocess
 from nextchat_ros.synthetic.scenes import render_scene
 
 FP32_TOLERANCE = 1e-4
+# Weights above this go to an external data file (protobuf serialises at most 2 GiB,
+# and the graph's nodes need some of it).
+PROTOBUF_LIMIT = 2**31 - 2**27
 # fp16 keeps ~3 significant digits per operation and the errors add up over a
 # transformer's layers, so we compare relative to the output's scale:
 # max |onnx - torch| <= FP16_RELATIVE_TOLERANCE * max |torch|.
@@ -126,21 +129,48 @@ def polygraphy_lint(path: Path) -> dict:
     exe = str(beside) if beside.is_file() else shutil.which("polygraphy")
     if exe is None:
         return {"file": path.name, "lint": "skipped: polygraphy not installed"}
+    if _external_files(path):
+        # polygraphy asks the loaded graph for its size as one message: over 2 GB, that raises.
+        return {"file": path.name, "lint": "not run: polygraphy cannot load a graph over protobuf's 2 GB "
+                "(onnx.checker by path and the parity run check it)"}
     run = subprocess.run([exe, "check", "lint", str(path)], capture_output=True, text=True, timeout=600)
     text = run.stdout + run.stderr
     return {"file": path.name, "lint": "passed" if run.returncode == 0 else "failed", "returncode": run.returncode,
             "log_tail": text[-1500:]}
 
 
+def _external_files(path: Path) -> set[str]:
+    """The files beside ``path`` that hold its weights (none when they are inside it)."""
+    graph = onnx.load(str(path), load_external_data=False)
+    return {entry.value for tensor in graph.graph.initializer for entry in tensor.external_data
+            if entry.key == "location"}
+
+
+def _gather_external_data(path: Path) -> None:
+    """torch writes a graph over 2 GB with every weight in a file of its own beside
+    it (hundreds for SAM ViT-H); move them into one ``<graph>.onnx.data``."""
+    files = _external_files(path)
+    if not files:
+        return
+    graph = onnx.load(str(path))
+    onnx.save(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=f"{path.name}.data")
+    for name in files - {f"{path.name}.data"}:
+        (path.parent / name).unlink()
+
+
 def to_fp16(src: Path, dst: Path) -> None:
     import onnx_graphsurgeon as gs
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    graph = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    # By path: the converter then infers shapes from the file, which works for a graph
+    # over protobuf's 2 GB (SAM ViT-H in fp32); given the loaded model it serialises it.
+    graph = convert_float_to_float16(str(src), keep_io_types=True)
     # The converter appends its input casts at the end of the node list; ONNX
     # requires topological order (polygraphy lint and TensorRT check it).
     graph = gs.export_onnx(gs.import_onnx(graph).toposort())
-    onnx.save(graph, str(dst))
+    large = sum(t.ByteSize() for t in graph.graph.initializer) > PROTOBUF_LIMIT
+    onnx.save(graph, str(dst), save_as_external_data=large, location=f"{dst.name}.data")
 
 
 def export_onnx(model, out_dir: str | Path, opset: int = 17, fp16: bool = False, lint: bool = True,
@@ -163,6 +193,7 @@ def export_onnx(model, out_dir: str | Path, opset: int = 17, fp16: bool = False,
                 warnings.simplefilter("ignore")
                 torch.onnx.export(module, inputs, str(path), input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+            _gather_external_data(path)
             # By path: a graph over 2 GB (SAM ViT-H in fp32) keeps its weights as external data.
             onnx.checker.check_model(str(path))
             graph = onnx.load(str(path), load_external_data=False)

@@ -33,12 +33,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-dir", type=Path, default=None,
                         help="`nextchat export` output for onnxruntime / tensorrt (default: MODEL/export)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="which exported graphs onnxruntime / tensorrt run (default: the export's own; "
-                             "fp16 needs `nextchat export --fp16`)")
+                        help="what the model runs in (default fp32): every part but the box heads and SAM's "
+                             "prompt encoder, which stay fp32; the LLM too unless --llm-precision says otherwise. "
+                             "onnxruntime / tensorrt run the export's graphs of it (fp16 needs `nextchat export "
+                             "--fp16`; default: the export's own graphs, the torch parts in fp32)")
     parser.add_argument("--rebuild-engines", action="store_true",
                         help="tensorrt: rebuild an engine built for another TensorRT / GPU / model from its ONNX graph")
     parser.add_argument("--llm-precision", choices=LLM_PRECISIONS, default="auto",
-                        help="the LLM's weights: auto (the model's dtype, default) | fp32 | bf16 | "
+                        help="the LLM's weights: auto (--precision's, default) | fp32 | fp16 | bf16 | "
                              "int8 / int4 (weight-only, torchao)")
     parser.add_argument("--decoder", choices=DECODERS, default="engine",
                         help="engine: the static-cache decode engine (default); eager: transformers' own "

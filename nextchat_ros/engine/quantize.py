@@ -1,6 +1,8 @@
 """The LLM's precision: ``llm_precision`` on the CLI, the node and the launch file.
 
-``auto`` keeps the predictor's dtype. ``fp32`` / ``bf16`` cast the LLM.
+``auto`` keeps the predictor's dtype. ``fp32`` / ``fp16`` / ``bf16`` cast the LLM.
+(On a CPU without fp16 arithmetic, fp16 halves what a decode step reads but slows
+the prefill's many-row products: no faster overall; ``benchmarks/engine.py``.)
 ``int8`` / ``int4`` quantise the weights of its linear layers (activations stay
 in the LLM's float dtype) with torchao, the library gpt-fast's quantisation grew
 into: int8 per output channel; int4 in groups of 128 (tinygemm's packed layout on
@@ -17,7 +19,8 @@ from torch import nn
 from ..errors import ModelFileError
 from ..options import LLM_PRECISIONS
 
-FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The float precisions by name: the model's (``options.PRECISIONS``) and the LLM's.
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INT4_GROUP_SIZE = 128
 
 

@@ -37,7 +37,8 @@ class BoxDecoder(nn.Sequential):
         return torch.stack([x1, y1, x2, y2], dim=-1)
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.to_valid_box(self(hidden))
+        """(..., D) hidden states in any dtype -> (..., 4) boxes in this head's dtype."""
+        return self.to_valid_box(self(hidden.to(self[0].weight.dtype)))
 
 
 class BoxEncoder(nn.Sequential):
@@ -45,6 +46,10 @@ class BoxEncoder(nn.Sequential):
 
     def __init__(self, llm_dim: int, hidden: int):
         super().__init__(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, llm_dim))
+
+    def forward(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(..., 4) boxes in any dtype -> (..., D) in this head's dtype."""
+        return super().forward(boxes.to(self[0].weight.dtype))
 
 
 class SegPromptMLP(nn.Sequential):

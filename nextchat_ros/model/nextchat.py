@@ -29,6 +29,16 @@ from .sam import SamMaskHead
 from .tokenizer import TextTokenizer
 from .vision import VisionTower
 
+# The parts that stay in fp32 whatever precision the rest runs in (``set_precision``).
+# They turn hidden states into boxes and boxes into embeddings: boxes are fractions
+# of the image, and at bf16's 8 significant bits a far edge moves by up to 1/256 of
+# the image. SAM's prompt encoder turns box corners into Fourier features (sines of
+# coordinates scaled by up to tens of radians), which half precision scrambles; and
+# segment-anything casts the coordinates to fp32 itself, so its matrix must be fp32
+# too. They cost a few small matrix products per object. (Mask post-processing, the
+# upsampling and threshold in ``SamMaskHead.postprocess_masks``, also runs in fp32.)
+FP32_PARTS = ("box_decoder", "box_encoder", "sam.prompt_encoder")
+
 
 def llama_config(config: LLMConfig) -> LlamaConfig:
     return LlamaConfig(
@@ -80,7 +90,19 @@ class NextChatModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.box_decoder[0].weight.dtype
+        """The dtype the model computes in (``set_precision``); boxes are fp32."""
+        return self.projector[0].weight.dtype
+
+    def set_precision(self, dtype: torch.dtype) -> NextChatModel:
+        """Every part in ``dtype`` but ``FP32_PARTS``, in place; returns the model.
+        The one place a model's precision is set (the predictor calls it)."""
+        for name, module in self.named_modules():
+            # Module by module, so that a part kept in fp32 never passes through the
+            # lower precision and keeps its weights' bits.
+            kept = any(name == part or name.startswith(part + ".") for part in FP32_PARTS)
+            target = torch.float32 if kept else dtype
+            module._apply(lambda t, target=target: t.to(target) if t.is_floating_point() else t, recurse=False)
+        return self
 
     # --- building blocks used by the predictor and by training ----------------------
     def encode_image(self, vision_pixels: torch.Tensor) -> torch.Tensor:
@@ -125,5 +147,5 @@ class NextChatModel(nn.Module):
     def trigger_hidden_to_masks(self, hidden: torch.Tensor, boxes: torch.Tensor,
                                 image_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Trigger hidden states (N, D) + their boxes (N, 4) -> low-res mask logits, IoU."""
-        prompt_tokens = self.seg_prompt_mlp(hidden)
-        return self.sam.decode_masks(image_embedding, boxes.to(image_embedding.dtype), prompt_tokens)
+        prompt_tokens = self.seg_prompt_mlp(hidden.to(self.dtype))
+        return self.sam.decode_masks(image_embedding, boxes, prompt_tokens)

@@ -150,14 +150,17 @@ class SamMaskHead(nn.Module):
         (segment-anything's MaskDecoder expands one image over its prompts, so a
         batch of images is decoded one image at a time.)
         """
-        sam_boxes = boxes * self.config.image_size
+        # The prompt encoder runs in its own dtype (fp32: nextchat.FP32_PARTS), the
+        # mask decoder in the image embedding's.
+        pe_dtype, dtype = self.prompt_encoder.point_embeddings[0].weight.dtype, image_embedding.dtype
+        sam_boxes = boxes.to(pe_dtype) * self.config.image_size
         box_tokens, dense = self.prompt_encoder(points=None, boxes=sam_boxes, masks=None)
-        sparse = torch.cat([prompt_tokens.to(box_tokens.dtype), box_tokens], dim=1)
+        sparse = torch.cat([prompt_tokens.to(dtype), box_tokens.to(dtype)], dim=1)
         return self.mask_decoder(
             image_embeddings=image_embedding,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_pe=self.prompt_encoder.get_dense_pe().to(dtype),
             sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            dense_prompt_embeddings=dense.to(dtype),
             multimask_output=False,
         )
 

@@ -293,6 +293,12 @@ class SyntheticTabletop:
         self.renderers = list(mix)
         self.renderer_probs = np.array([mix[r] for r in self.renderers]) / sum(mix.values())
         self.pools = dict(pools or {})
+        for name, pool in self.pools.items():
+            # A pool holds one split's seeds: another split's pool would hand, say, a
+            # held-out stream the training scenes.
+            if pool.first != SPLIT_SEED[split] or (pool.height, pool.width) != (height, width):
+                raise ValueError(f"the {name} pool starts at seed {pool.first} at {pool.width}x{pool.height}; "
+                                 f"the {split} split at {width}x{height} starts at seed {SPLIT_SEED[split]}")
         weights = dict(task_weights or DEFAULT_TASK_WEIGHTS)
         if tasks is not None:
             weights = {t: weights.get(t, 1.0) for t in tasks}
