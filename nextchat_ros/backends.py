@@ -53,6 +53,12 @@ class TorchBackend:
         return self.mask_part(embedding, boxes, hidden)
 
 
+def check_export_precision(precision: str) -> None:
+    if precision not in EXPORT_PRECISIONS:
+        raise BackendError(f"exported graphs come in {' and '.join(EXPORT_PRECISIONS)}, not '{precision}' "
+                           "(bf16 runs on the torch backend)")
+
+
 def read_manifest(export_dir: str | Path) -> dict:
     export_dir = Path(export_dir)
     path = export_dir / MANIFEST
@@ -107,9 +113,7 @@ class OnnxRuntimeBackend(_ExportedBackend):
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         variant = precision or manifest.get("default_precision", "fp32")
-        if variant not in EXPORT_PRECISIONS:
-            raise BackendError(f"exported graphs come in {' and '.join(EXPORT_PRECISIONS)}, not '{variant}' "
-                               "(bf16 runs on the torch backend)")
+        check_export_precision(variant)
         self.precision = variant
         self.sessions = {}
         for part in PARTS:
@@ -241,9 +245,8 @@ def load_backend(name: str, model, export_dir: str | Path | None = None, fallbac
     own); torch ignores it (the predictor casts the model)."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'; choose one of {BACKENDS}")
-    if name != "torch" and precision is not None and precision not in EXPORT_PRECISIONS:
-        raise BackendError(f"exported graphs come in {' and '.join(EXPORT_PRECISIONS)}, not '{precision}' "
-                           "(bf16 runs on the torch backend)")
+    if name != "torch" and precision is not None:
+        check_export_precision(precision)
     if name == "torch":
         return TorchBackend(model)
     if export_dir is None:
