@@ -54,16 +54,13 @@ def first_box(result) -> np.ndarray | None:
 def publish_depth(client: GroundingClient, scene, stamp_ns: int) -> None:
     """The scene's depth (mm, 16UC1) and intrinsics with the image's stamp; a few times,
     as sensor-data QoS is best effort."""
-    info = CameraInfo()
-    info.header.stamp.sec, info.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-    info.header.frame_id = "camera"
-    info.height, info.width = scene.image.shape[:2]
+    depth = image_msg(np.round(np.nan_to_num(scene.depth) * 1000).astype(np.uint16), stamp_ns, "16UC1")
+    info = CameraInfo(header=depth.header, height=depth.height, width=depth.width)
     c = scene.camera
     info.k = [float(c["fx"]), 0.0, float(c["cx"]), 0.0, float(c["fy"]), float(c["cy"]), 0.0, 0.0, 1.0]
-    depth = np.round(np.nan_to_num(scene.depth) * 1000).astype(np.uint16)
     for _ in range(3):
         client.info_pub.publish(info)
-        client.depth_pub.publish(image_msg(depth, stamp_ns, "16UC1"))
+        client.depth_pub.publish(depth)
         time.sleep(0.2)
 
 

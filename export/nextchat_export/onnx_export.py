@@ -133,7 +133,7 @@ def polygraphy_lint(path: Path) -> dict:
     exe = str(beside) if beside.is_file() else shutil.which("polygraphy")
     if exe is None:
         return {"file": path.name, "lint": "skipped: polygraphy not installed"}
-    if _external_files(path):
+    if _data_file(path).is_file():
         # polygraphy asks the loaded graph for its size as one message: over 2 GB, that raises.
         return {"file": path.name, "lint": "not run: polygraphy cannot load a graph over protobuf's 2 GB "
                 "(onnx.checker by path and the parity run check it)"}
@@ -141,6 +141,11 @@ def polygraphy_lint(path: Path) -> dict:
     text = run.stdout + run.stderr
     return {"file": path.name, "lint": "passed" if run.returncode == 0 else "failed", "returncode": run.returncode,
             "log_tail": text[-1500:]}
+
+
+def _data_file(path: Path) -> Path:
+    """Where this module writes the weights of a graph too large to hold them."""
+    return path.parent / f"{path.name}.data"
 
 
 def _external_files(path: Path) -> set[str]:
@@ -158,8 +163,8 @@ def _gather_external_data(path: Path) -> None:
         return
     graph = onnx.load(str(path))
     onnx.save(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=f"{path.name}.data")
-    for name in files - {f"{path.name}.data"}:
+              location=_data_file(path).name)
+    for name in files - {_data_file(path).name}:
         (path.parent / name).unlink()
 
 
@@ -174,7 +179,7 @@ def to_fp16(src: Path, dst: Path) -> None:
     # requires topological order (polygraphy lint and TensorRT check it).
     graph = gs.export_onnx(gs.import_onnx(graph).toposort())
     large = sum(t.ByteSize() for t in graph.graph.initializer) > PROTOBUF_LIMIT
-    onnx.save(graph, str(dst), save_as_external_data=large, location=f"{dst.name}.data")
+    onnx.save(graph, str(dst), save_as_external_data=large, location=_data_file(dst).name)
 
 
 def export_onnx(model, out_dir: str | Path, opset: int = 17, fp16: bool = False, lint: bool = True,
