@@ -273,7 +273,10 @@ class Soak:
         text = REGION_QUERY if k % 4 == 3 else QUERIES[k % len(QUERIES)]
         query = Query(id=f"s-{k}", text=text)
         if text == REGION_QUERY:
-            w, h = camera.width, camera.height
+            # Inside every camera's image: a query that names no stamp is answered about
+            # the node's latest frame, which just after a restart can still be the old
+            # camera's (a region outside it is refused BAD_QUERY, rightly).
+            w, h = min(c.width for c in self.cameras), min(c.height for c in self.cameras)
             query.regions.append(RegionOfInterest(x_offset=w // 4, y_offset=h // 4, width=w // 2, height=h // 2))
         stamp_ns = camera.last_stamp_ns if k % 3 == 2 else 0
         query.image_stamp.sec, query.image_stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
