@@ -26,15 +26,19 @@ disjoint halves. No weight of the model changes.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import RENDERERS, draw_scene, model_parser, run_info, write_json
+from common import RENDERERS, draw_scene, run_info, write_json
+from nextchat_training.batches import object_patch_targets
 from tqdm import tqdm
 
-from nextchat_ros.commands.ground import predictor_from_args
 from nextchat_ros.model import build_model
-from nextchat_ros.model.vision import pad_to_square
+from nextchat_ros.model.build import DEFAULT_MODEL_DIR
+from nextchat_ros.model.checkpoint import load_pretrained
 from nextchat_ros.synthetic.scenes import COLORS, KINDS, SIZES
 
 ATTRIBUTES = {"kind": list(KINDS), "color": list(COLORS), "size": list(SIZES)}
@@ -43,19 +47,18 @@ PROBE_STEPS = 300
 
 
 @torch.no_grad()  # the probe trains on these: not inference tensors
-def object_features(tower, scenes, grid: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def object_features(tower, scenes, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(objects, hidden) mask-pooled patch features and each attribute's labels."""
     features, labels = [], {name: [] for name in ATTRIBUTES}
     for scene in scenes:
         patches = tower(tower.preprocess(torch.from_numpy(scene.image.copy()))[None])[0].float()  # (grid*grid, hidden)
-        for obj in scene.objects:
-            # The mask through the tower's own geometry: padded to a square the way the
-            # image is, then each patch's covered fraction.
-            mask = pad_to_square(torch.from_numpy(obj.mask).float()[None], torch.zeros(1))
-            cover = F.adaptive_avg_pool2d(mask[None], grid)[0, 0].flatten()
+        # Each object's share of each patch on the square-padded image the tower sees,
+        # as the vision stage pools them.
+        covers = object_patch_targets(scene, config)[0]
+        for obj, cover in zip(scene.objects, covers):
             if cover.sum() <= 0:
                 continue
-            features.append((cover[:, None] * patches).sum(0) / cover.sum())
+            features.append(cover @ patches / cover.sum())
             for name, values in ATTRIBUTES.items():
                 labels[name].append(values.index(getattr(obj, name)))
     return torch.stack(features), {name: torch.tensor(v) for name, v in labels.items()}
@@ -127,18 +130,20 @@ def plot(path: str, results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = model_parser(__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR,
+                        help="model directory (default: the shipped tiny model); runs on the CPU")
     parser.add_argument("--num-scenes", type=int, default=300,
                         help="held-out scenes per renderer, half to train the probe, half to test it (default 300)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--plot", default=None, help="also draw the accuracy matrices to this PNG")
     args = parser.parse_args(argv)
     if args.num_scenes < 4:
         parser.error("--num-scenes must be at least 4 (half trains the probe, half tests it)")
 
-    model = predictor_from_args(args).model
+    model = load_pretrained(args.model)
     random_model = build_model(model.config, seed=0)
     towers = {"trained": model.vision_tower.eval(), "random": random_model.vision_tower.eval()}
-    grid = model.config.vision.image_size // model.config.vision.patch_size
     half = args.num_scenes // 2
     scenes = {r: [draw_scene(r, SEED_OFFSET + k) for k in tqdm(range(args.num_scenes), desc=r, unit="scene")]
               for r in RENDERERS}
@@ -148,7 +153,7 @@ def main(argv=None) -> None:
         for renderer in RENDERERS:
             features[renderer], labels[renderer] = {}, {}
             for part, chosen in (("train", scenes[renderer][:half]), ("test", scenes[renderer][half:])):
-                features[renderer][part], labels[renderer][part] = object_features(tower, chosen, grid)
+                features[renderer][part], labels[renderer][part] = object_features(tower, chosen, model.config)
                 counts[f"{renderer} {part}"] = len(labels[renderer][part]["kind"])
         results[tower_name] = probe_matrix(features, labels)
         print_matrix(f"{tower_name} tower", results[tower_name])
