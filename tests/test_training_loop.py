@@ -244,3 +244,33 @@ def test_a_short_training_run_lowers_the_loss_and_raises_held_out_iou(tmp_path):
     # The box decoder's own boxes: the stage trains it, not SAM, whose masks give the reported boxes.
     assert after["rec_decoder_mean_iou"] > before["rec_decoder_mean_iou"] + 0.02
     assert after["rec_decoder_acc@0.5"] >= before["rec_decoder_acc@0.5"]
+
+
+def test_a_training_config_changes_its_presets_model_and_the_change_is_saved(tmp_path):
+    from nextchat_training.train import TrainConfig
+
+    from nextchat_ros.model import load_pretrained, save_pretrained
+    from nextchat_ros.model.config import get_preset
+
+    def write(body: str) -> Path:
+        path = tmp_path / "run.yaml"
+        path.write_text(f"name: run\nout: {tmp_path / 'out'}\nstages: [{CONFIGS / 'tiny/vision.yaml'}]\n{body}")
+        return path
+
+    config = TrainConfig.load(write("model: {vision: {image_size: 320, patch_size: 32}}\n")).model_config()
+    tiny = get_preset("tiny")
+    assert (config.vision.image_size, config.vision.patch_size) == (320, 32)
+    assert config.vision.num_patches == tiny.vision.num_patches  # the same 10x10 token grid
+    assert config.llm == tiny.llm and config.vision.hidden_size == tiny.vision.hidden_size
+    model = build_model(config, seed=0)
+    assert len([m for m in model.vision_tower.clip.embeddings.patch_embedding if isinstance(m, torch.nn.Conv2d)]) == 5
+    with torch.no_grad():
+        tokens = model.encode_image(torch.zeros(1, 3, 320, 320))
+    assert tokens.shape == (1, tiny.vision.num_patches, tiny.llm.hidden_size)
+    save_pretrained(model, tmp_path / "model")
+    assert load_pretrained(tmp_path / "model").config.vision.image_size == 320
+
+    with pytest.raises(ValueError, match=r"run\.yaml: model: unknown config key 'vision\.image_sise'"):
+        TrainConfig.load(write("model: {vision: {image_sise: 320}}\n"))
+    with pytest.raises(ValueError, match="init_checkpoint keeps its config"):
+        TrainConfig.load(write(f"init_checkpoint: {tmp_path}\nmodel: {{seed_text: 1}}\n"))

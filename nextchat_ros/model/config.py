@@ -159,6 +159,25 @@ class NextChatConfig:
                 kwargs[name] = value
         return cls(**kwargs)
 
+    def with_changes(self, changes: dict[str, Any]) -> NextChatConfig:
+        """A copy with ``changes`` (a nested dict in :meth:`to_dict`'s shape, e.g.
+        ``{"vision": {"image_size": 320, "patch_size": 32}}``) merged in; unknown
+        keys raise ValueError naming them."""
+        def merge(base: dict[str, Any], update: dict[str, Any], where: str) -> dict[str, Any]:
+            merged = dict(base)
+            for key, value in update.items():
+                if key not in base:
+                    raise ValueError(f"unknown config key '{where}{key}'")
+                if isinstance(base[key], dict) and isinstance(value, dict) and key != "synonyms":
+                    merged[key] = merge(base[key], value, f"{where}{key}.")
+                else:
+                    merged[key] = value
+            return merged
+
+        if not isinstance(changes, dict):
+            raise ValueError("config changes must be a mapping")
+        return NextChatConfig.from_dict(merge(self.to_dict(), changes, ""))
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from nextchat_ros.model import NextChatModel, build_model
-from nextchat_ros.model.config import NextChatConfig, get_preset
+from nextchat_ros.model.config import NextChatConfig
 
 from .lora import DEFAULTS as LORA_DEFAULTS
 from .lora import TARGETS as LORA_TARGETS
@@ -179,11 +179,11 @@ def estimate(config: NextChatConfig, stage, gpus: int, strategy: str, model: Nex
 
 def model_config_of(train_config) -> NextChatConfig:
     """The architecture a training config starts from: its checkpoint's config, else
-    its preset."""
+    its preset with the config's changes."""
     if train_config.init_checkpoint and (Path(train_config.init_checkpoint) / "config.json").is_file():
         return NextChatConfig.load(Path(train_config.init_checkpoint) / "config.json")
     if train_config.init_preset:
-        return get_preset(train_config.init_preset)
+        return train_config.model_config()
     raise ValueError(f"{train_config.name}: init_checkpoint {train_config.init_checkpoint} not found and no "
                      "init_preset to take the shapes from")
 

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from nextchat_ros.images import pixels_to_normalized
 from nextchat_ros.model import NextChatModel, build_model, load_pretrained, save_pretrained
+from nextchat_ros.model.config import NextChatConfig, get_preset
 from nextchat_ros.model.sam import preprocess_image as sam_preprocess
 from nextchat_ros.model.sam import target_masks
 from nextchat_ros.predictor import NextChatPredictor
@@ -159,6 +160,9 @@ class TrainConfig:
     out: str
     stages: list[str]
     init_preset: str | None = "tiny"
+    # Changes to init_preset's model config, in its config.json shape, e.g.
+    # {vision: {image_size: 320, patch_size: 32}} (NextChatConfig.with_changes).
+    model: dict | None = None
     init_checkpoint: str | None = None
     seed: int = 0
     final_eval_samples: int = 1000
@@ -177,9 +181,20 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         config = cls(**data)
+        if config.model is not None:
+            if config.init_checkpoint:
+                raise ValueError(f"{path}: 'model' changes a preset; a run from init_checkpoint keeps its config")
+            try:
+                config.model_config()
+            except ValueError as exc:
+                raise ValueError(f"{path}: model: {exc}") from None
         # stage files are relative to the config file
         config.stages = [str((path.parent / s).resolve()) for s in config.stages]
         return config
+
+    def model_config(self) -> NextChatConfig:
+        """init_preset's model config with this run's changes."""
+        return get_preset(self.init_preset).with_changes(self.model or {})
 
 
 # --- distributed ------------------------------------------------------------------
@@ -720,7 +735,7 @@ def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = No
     if config.init_checkpoint:
         model = load_pretrained(config.init_checkpoint)
     else:
-        model = build_model(config.init_preset, seed=config.seed)
+        model = build_model(config.model_config(), seed=config.seed)
     model = model.to(device_t)
     t0 = time.perf_counter()
     timings = {}
