@@ -275,6 +275,33 @@ def test_the_vision_tower_runs_sdpa_and_equals_eager_attention(shape):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("image_size, patch_size", [(160, 16), (320, 32)])
+def test_the_cnn_patch_stem_makes_the_towers_grid_and_is_one_function_in_train_and_eval_mode(image_size,
+                                                                                            patch_size):
+    """patch_stem 'cnn' gives the same token grid as the ConvStem, learns from its
+    first convolution on, and (GroupNorm, no running statistics) computes the same
+    features in train mode as in eval mode, so a frozen tower stays frozen in the
+    lm stages, which run the whole model in train mode."""
+    from nextchat_ros.model.vision import CNNStem, VisionTower
+
+    config = get_preset("tiny").with_changes(
+        {"vision": {"patch_stem": "cnn", "image_size": image_size, "patch_size": patch_size}}).vision
+    torch.manual_seed(0)
+    tower = VisionTower(config)
+    assert isinstance(tower.clip.embeddings.patch_embedding, CNNStem)
+    pixels = torch.randn(2, 3, image_size, image_size)
+    features = tower.train()(pixels)
+    assert features.shape == (2, 100, config.hidden_size)
+    features.square().mean().backward()
+    assert tower.clip.embeddings.patch_embedding[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(tower.eval()(pixels), tower.train()(pixels))
+    with pytest.raises(ValueError, match="power-of-two patch size, not 12"):
+        CNNStem(12, 128)
+    with pytest.raises(ValueError, match="unknown patch_stem 'resnet'; use 'linear', 'conv' or 'cnn'"):
+        VisionTower(get_preset("tiny").with_changes({"vision": {"patch_stem": "resnet"}}).vision)
+
+
 def test_masks_of_all_objects_decoded_in_one_call_equal_one_object_at_a_time(tiny_model):
     sam = tiny_model.sam
     torch.manual_seed(0)

@@ -145,7 +145,8 @@ def save_released_layout(model: NextChatModel, directory: str | Path, clip_direc
     released-layout loader with a tiny model; also handy to hand a model to the
     official code)."""
     extras = [name for name, used in (("image_position_scale > 0", model.config.image_position_scale > 0),
-                                      ("vision.patch_stem 'conv'", model.config.vision.patch_stem != "linear"),
+                                      (f"vision.patch_stem '{model.config.vision.patch_stem}'",
+                                       model.config.vision.patch_stem != "linear"),
                                       ("region_features", model.config.region_features))
               if used]
     if extras:

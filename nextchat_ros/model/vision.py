@@ -96,6 +96,34 @@ class ConvStem(nn.Sequential):
         return self[0].weight
 
 
+class CNNStem(nn.Sequential):
+    """Patches -> tokens through a small CNN: per halving a 3x3 convolution,
+    GroupNorm, ReLU and a 2x2 max-pool, then a 3x3 convolution to the tower's
+    width (tiny preset pilots only).
+
+    Why: a crop CNN of these blocks, trained on the same scenes, tells the kinds of
+    3D solids apart where the ConvStem tower does not (benchmarks/kind_ceiling.py,
+    training/EXPERIMENTS.md). GroupNorm rather than BatchNorm, so that a frozen
+    tower (stage 1) stays the same function in train mode.
+    """
+
+    def __init__(self, patch_size: int, hidden_size: int):
+        steps = int(math.log2(patch_size))
+        if 2 ** steps != patch_size:
+            raise ValueError(f"a CNN patch stem needs a power-of-two patch size, not {patch_size}")
+        widths = [3] + [min(hidden_size, 32 << k) for k in range(steps)]
+        layers: list[nn.Module] = []
+        for k in range(steps):
+            layers += [nn.Conv2d(widths[k], widths[k + 1], 3, padding=1), nn.GroupNorm(8, widths[k + 1]),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+        layers.append(nn.Conv2d(widths[-1], hidden_size, 3, padding=1))
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:  # CLIP's embeddings read the patch embedding's dtype from here
+        return self[0].weight
+
+
 class VisionTower(nn.Module):
     def __init__(self, config: VisionConfig, clip: CLIPVisionModel | None = None):
         super().__init__()
@@ -103,8 +131,10 @@ class VisionTower(nn.Module):
         self.clip = clip if clip is not None else CLIPVisionModel(self.clip_config(config))
         if config.patch_stem == "conv":
             self.clip.embeddings.patch_embedding = ConvStem(config.patch_size, config.hidden_size)
+        elif config.patch_stem == "cnn":
+            self.clip.embeddings.patch_embedding = CNNStem(config.patch_size, config.hidden_size)
         elif config.patch_stem != "linear":
-            raise ValueError(f"unknown patch_stem '{config.patch_stem}'; use 'linear' or 'conv'")
+            raise ValueError(f"unknown patch_stem '{config.patch_stem}'; use 'linear', 'conv' or 'cnn'")
 
     @staticmethod
     def clip_config(config: VisionConfig) -> CLIPVisionConfig:

@@ -1,0 +1,304 @@
+"""How well can an object's kind be told from its pixels alone, per renderer?
+
+    .venv/bin/python benchmarks/kind_ceiling.py [--train-scenes 3000] [--test-scenes 300]
+        [--variants full,half,masked,grid] [--epochs 10] [--json out/kind_ceiling.json]
+        [--plot out/kind_ceiling.png]
+
+`kind_probe.py` reads the kind from the vision tower's mask-pooled patch features
+and finds it mostly missing for 3D solids. This asks the question without the
+tower: a small CNN (four 3x3 conv blocks, global pooling) is trained from scratch
+on square crops around each listed object (its box grown by a fifth, resized to
+40x40) of the solids training renderer's scenes (training split seeds, as the
+training pools draw them), and tested on held-out seeds of every renderer, the
+ray caster included (no training run ever sees it). If the crop CNN reads kinds
+where the tower does not, the pixels hold the shape and the tower's
+architecture, pooling or recipe loses it.
+
+Variants, each its own CNN from the same seed:
+
+- ``full``: crops of the 320x240 image;
+- ``half``: the image first halved (antialiased), as the tiny tower's 160 px input
+  sees it, then cropped and resized the same way: does the tower's resolution
+  lose the shape?
+- ``masked``: full resolution with everything outside the object's visible mask
+  set to grey: the shape of the mask and the shading inside it, no context;
+- ``grid``: no crops. The whole image as the tiny tower takes it (square-padded,
+  160 px) through a CNN of the same four blocks down to the tower's 10x10 grid
+  (and one more 3x3 conv there), each object's feature its cells pooled by mask
+  coverage exactly as the vision stage pools the tower's patches
+  (``object_patch_targets``), then a linear classifier: the tower's input and
+  pooling with a CNN in place of the ViT. Between the crops and the tower, it says
+  whether the 10x10 pooling or the tower itself loses the shape.
+
+Chance is 1/6. Runs on the CPU; no model is read or changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import RENDERERS, draw_scene, run_info, write_json
+from nextchat_training.batches import object_patch_targets
+from tqdm import tqdm
+
+from nextchat_ros.model.config import get_preset
+from nextchat_ros.model.vision import preprocess_image
+from nextchat_ros.synthetic.samples import RENDERERS as RENDER_FUNCTIONS
+from nextchat_ros.synthetic.samples import SPLIT_SEED
+from nextchat_ros.synthetic.scenes import KINDS
+
+VARIANTS = ("full", "half", "masked", "grid")
+CROP = 40
+SEED_OFFSET = 3_200_000_000  # held-out seeds no other benchmark draws
+GREY = 0.5
+
+
+def object_crops(scene, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objects, 3, CROP, CROP) float crops in [0, 1] and their kind labels."""
+    image = torch.from_numpy(scene.image.copy()).permute(2, 0, 1).float() / 255
+    scale = 0.5 if variant == "half" else 1.0
+    if scale != 1.0:
+        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", antialias=True,
+                              align_corners=False)[0]
+    height, width = image.shape[1:]
+    crops, kinds = [], []
+    for obj in scene.objects:
+        x0, y0, x1, y1 = (float(v) * scale for v in obj.box)
+        if x1 - x0 < 1 or y1 - y0 < 1:
+            continue
+        source = image
+        if variant == "masked":
+            mask = torch.from_numpy(obj.mask)[None].float()
+            source = image * mask + GREY * (1 - mask)
+        side = 1.2 * max(x1 - x0, y1 - y0)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        left, top = round(cx - side / 2), round(cy - side / 2)
+        size = max(2, round(side))
+        # Pad with grey where the square leaves the image, then crop.
+        pad = (max(0, -left), max(0, left + size - width), max(0, -top), max(0, top + size - height))
+        padded = F.pad(source, pad, value=GREY)
+        crop = padded[:, top + pad[2]:top + pad[2] + size, left + pad[0]:left + pad[0] + size]
+        crops.append(F.interpolate(crop[None], size=(CROP, CROP), mode="bilinear", antialias=True,
+                                   align_corners=False)[0])
+        kinds.append(KINDS.index(obj.kind))
+    if not crops:
+        return torch.zeros(0, 3, CROP, CROP), torch.zeros(0, dtype=torch.long)
+    return torch.stack(crops), torch.tensor(kinds)
+
+
+def crops_of(scenes, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every listed object's crop and kind over ``scenes``."""
+    parts = [object_crops(scene, variant) for scene in scenes]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class CropCNN(torch.nn.Sequential):
+    """Four 3x3 conv blocks (BatchNorm, ReLU, 2x2 max-pool after the first three),
+    global average pooling and a linear classifier."""
+
+    def __init__(self, classes: int):
+        layers: list[torch.nn.Module] = []
+        widths = [3, 32, 64, 128, 128]
+        for k in range(4):
+            layers += [torch.nn.Conv2d(widths[k], widths[k + 1], 3, padding=1), torch.nn.BatchNorm2d(widths[k + 1]),
+                       torch.nn.ReLU()]
+            if k < 3:
+                layers.append(torch.nn.MaxPool2d(2))
+        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(widths[-1], classes)]
+        super().__init__(*layers)
+
+
+class GridCNN(torch.nn.Module):
+    """The same four conv blocks down to the tiny tower's 10x10 grid, one more 3x3
+    conv there, mask-coverage pooling per object and a linear classifier."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        widths = [3, 32, 64, 128, 128]
+        for k in range(4):
+            layers += [torch.nn.Conv2d(widths[k], widths[k + 1], 3, padding=1), torch.nn.BatchNorm2d(widths[k + 1]),
+                       torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        layers += [torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.BatchNorm2d(128), torch.nn.ReLU()]
+        self.features = torch.nn.Sequential(*layers)
+        self.classify = torch.nn.Linear(128, classes)
+
+    def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
+        """(B, 3, S, S) images and per image (objects, cells) pooling weights ->
+        (all objects, classes) logits."""
+        cells = self.features(images).flatten(2).transpose(1, 2)  # (B, cells, C)
+        return self.classify(torch.cat([cover @ cell for cover, cell in zip(covers, cells)]))
+
+
+def grid_inputs(scenes) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Tower-preprocessed images (fp16, to keep thousands in memory), each image's
+    objects' coverage weights (normalised to sum to 1) and kind labels."""
+    config = get_preset("tiny")
+    images, covers, kinds = [], [], []
+    for scene in scenes:
+        cover, _, kind = object_patch_targets(scene, config)
+        keep = cover.sum(1) > 0
+        images.append(preprocess_image(torch.from_numpy(scene.image.copy()), config.vision).half())
+        covers.append(cover[keep] / cover[keep].sum(1, keepdim=True))
+        kinds.append(kind[keep] - 1)  # object_patch_targets counts kinds from 1
+    if tuple(cover.shape[1:]) != (100,):
+        raise RuntimeError(f"the tiny tower's grid changed: {cover.shape[1]} cells, the CNN makes 100")
+    return torch.stack(images), covers, kinds
+
+
+def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int) -> GridCNN:
+    images, covers, kinds = inputs
+    torch.manual_seed(seed)
+    model = GridCNN(len(KINDS))
+    batch_size = max(1, batch_size // 4)  # scenes of ~3.5 objects each
+    steps = epochs * ((len(images) + batch_size - 1) // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    with tqdm(total=steps, desc="grid CNN", unit="step") as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=generator).tolist()
+            for start in range(0, len(order), batch_size):
+                index = order[start:start + batch_size]
+                loss = F.cross_entropy(model(images[index].float(), [covers[i] for i in index]),
+                                       torch.cat([kinds[i] for i in index]))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
+    return model.eval()
+
+
+@torch.no_grad()
+def grid_accuracy(model: GridCNN, inputs) -> tuple[float, np.ndarray]:
+    images, covers, kinds = inputs
+    predicted = torch.cat([model(images[s:s + 64].float(), covers[s:s + 64]).argmax(-1)
+                           for s in range(0, len(images), 64)])
+    truth = torch.cat(kinds)
+    confusion = np.zeros((len(KINDS), len(KINDS)), dtype=int)
+    np.add.at(confusion, (truth.numpy(), predicted.numpy()), 1)
+    return float((predicted == truth).float().mean()), confusion
+
+
+def train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int, desc: str) -> CropCNN:
+    torch.manual_seed(seed)
+    model = CropCNN(len(KINDS))
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    with tqdm(total=steps, desc=desc, unit="step") as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), batch_size):
+                index = order[start:start + batch_size]
+                batch = x[index]
+                flip = torch.rand(len(batch), generator=generator) < 0.5  # a kind is the same mirrored
+                batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+                loss = F.cross_entropy(model(batch), y[index])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: CropCNN, x: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:
+    predicted = torch.cat([model(x[s:s + 512]).argmax(-1) for s in range(0, len(x), 512)])
+    confusion = np.zeros((len(KINDS), len(KINDS)), dtype=int)
+    np.add.at(confusion, (y.numpy(), predicted.numpy()), 1)
+    return float((predicted == y).float().mean()), confusion
+
+
+def plot(path: str, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(results)
+    fig, axes = plt.subplots(len(variants), len(RENDERERS), figsize=(3.8 * len(RENDERERS), 3.6 * len(variants)),
+                             squeeze=False)
+    for i, variant in enumerate(variants):
+        for j, renderer in enumerate(RENDERERS):
+            confusion = np.array(results[variant][renderer]["confusion"], dtype=float)
+            rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+            ax = axes[i, j]
+            ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks(range(len(KINDS)), KINDS, rotation=45, ha="right")
+            ax.set_yticks(range(len(KINDS)), KINDS)
+            ax.set_title(f"{variant} on {renderer}: {results[variant][renderer]['accuracy']:.2f}")
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-scenes", type=int, default=3000,
+                        help="solids training-split scenes to train each CNN on (default 3000)")
+    parser.add_argument("--test-scenes", type=int, default=300, help="held-out scenes per renderer (default 300)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (default all)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs over the training crops (default 10)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--plot", default=None, help="also draw each variant's confusion matrices to this PNG")
+    args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        parser.error(f"unknown --variants {unknown}; use some of {', '.join(VARIANTS)}")
+    if args.train_scenes < 1 or args.test_scenes < 1 or args.epochs < 1:
+        parser.error("--train-scenes, --test-scenes and --epochs must be at least 1")
+
+    render_solids = RENDER_FUNCTIONS["solids"]
+    train_scenes = [render_solids(SPLIT_SEED["train"] + k, height=240, width=320)
+                    for k in tqdm(range(args.train_scenes), desc="solids (train split)", unit="scene")]
+    test_scenes = {r: [draw_scene(r, SEED_OFFSET + k) for k in tqdm(range(args.test_scenes), desc=r, unit="scene")]
+                   for r in RENDERERS}
+    results, counts = {}, {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        if variant == "grid":
+            inputs = grid_inputs(train_scenes)
+            model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed)
+            measure = grid_accuracy
+            test_inputs = {r: grid_inputs(test_scenes[r]) for r in RENDERERS}
+        else:
+            inputs = crops_of(train_scenes, variant)
+            model = train_cnn(*inputs, args.epochs, args.batch_size, args.seed, f"{variant} crops")
+            measure = lambda model, inputs: accuracy(model, *inputs)  # noqa: E731
+            test_inputs = {r: crops_of(test_scenes[r], variant) for r in RENDERERS}
+        train_accuracy, train_confusion = measure(model, inputs)
+        counts[f"solids train ({variant})"] = int(train_confusion.sum())
+        results[variant] = {"train_s": round(time.perf_counter() - t0, 1), "train_accuracy": train_accuracy}
+        for renderer in RENDERERS:
+            acc, confusion = measure(model, test_inputs[renderer])
+            counts[f"{renderer} test"] = int(confusion.sum())
+            results[variant][renderer] = {"accuracy": acc, "confusion": confusion.tolist()}
+        print(f"{variant:>7}: train {results[variant]['train_accuracy']:.3f}  " +
+              "  ".join(f"{r} {results[variant][r]['accuracy']:.3f}" for r in RENDERERS) +
+              f"  ({results[variant]['train_s']:.0f} s)")
+    print(f"objects: {counts}; kinds in confusion order: {list(KINDS)}")
+    write_json(args.json, {**run_info(torch.device("cpu"), "none", "fp32"), "objects": counts,
+                           "epochs": args.epochs, "crop": CROP, "results": results})
+    if args.plot:
+        plot(args.plot, results)
+
+
+if __name__ == "__main__":
+    main()
