@@ -150,23 +150,19 @@ def grid_inputs(scenes) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Te
     return torch.stack(images), covers, kinds
 
 
-def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int) -> GridCNN:
-    images, covers, kinds = inputs
-    torch.manual_seed(seed)
-    model = GridCNN(len(KINDS))
-    batch_size = max(1, batch_size // 4)  # scenes of ~3.5 objects each
-    steps = epochs * ((len(images) + batch_size - 1) // batch_size)
+def fit(model: torch.nn.Module, epochs: int, steps_per_epoch: int, batches, seed: int, desc: str) -> torch.nn.Module:
+    """Train ``model`` with AdamW under one-cycle lr; ``batches(generator)`` yields
+    one epoch's (logits, labels) pairs in a seeded random order, each computed when
+    it is asked for."""
+    steps = epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    with tqdm(total=steps, desc="grid CNN", unit="step") as bar:
+    with tqdm(total=steps, desc=desc, unit="step") as bar:
         for _ in range(epochs):
-            order = torch.randperm(len(images), generator=generator).tolist()
-            for start in range(0, len(order), batch_size):
-                index = order[start:start + batch_size]
-                loss = F.cross_entropy(model(images[index].float(), [covers[i] for i in index]),
-                                       torch.cat([kinds[i] for i in index]))
+            for logits, labels in batches(generator):
+                loss = F.cross_entropy(logits, labels)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -174,6 +170,21 @@ def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int) -> GridCNN:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
     return model.eval()
+
+
+def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int) -> GridCNN:
+    images, covers, kinds = inputs
+    torch.manual_seed(seed)
+    model = GridCNN(len(KINDS))
+    batch_size = max(1, batch_size // 4)  # scenes of ~3.5 objects each
+
+    def batches(generator):
+        order = torch.randperm(len(images), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            yield model(images[index].float(), [covers[i] for i in index]), torch.cat([kinds[i] for i in index])
+
+    return fit(model, epochs, (len(images) + batch_size - 1) // batch_size, batches, seed, "grid CNN")
 
 
 @torch.no_grad()
@@ -190,27 +201,17 @@ def grid_accuracy(model: GridCNN, inputs) -> tuple[float, np.ndarray]:
 def train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int, desc: str) -> CropCNN:
     torch.manual_seed(seed)
     model = CropCNN(len(KINDS))
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    with tqdm(total=steps, desc=desc, unit="step") as bar:
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for start in range(0, len(x), batch_size):
-                index = order[start:start + batch_size]
-                batch = x[index]
-                flip = torch.rand(len(batch), generator=generator) < 0.5  # a kind is the same mirrored
-                batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-                loss = F.cross_entropy(model(batch), y[index])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                bar.update()
-    return model.eval()
+
+    def batches(generator):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            index = order[start:start + batch_size]
+            batch = x[index]
+            flip = torch.rand(len(batch), generator=generator) < 0.5  # a kind is the same mirrored
+            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+            yield model(batch), y[index]
+
+    return fit(model, epochs, (len(x) + batch_size - 1) // batch_size, batches, seed, desc)
 
 
 @torch.no_grad()
