@@ -96,19 +96,22 @@ def crops_of(scenes, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def conv_block(width_in: int, width_out: int, pool: bool) -> list[torch.nn.Module]:
+    """3x3 convolution, BatchNorm, ReLU and, if ``pool``, a 2x2 max-pool."""
+    layers = [torch.nn.Conv2d(width_in, width_out, 3, padding=1), torch.nn.BatchNorm2d(width_out), torch.nn.ReLU()]
+    return [*layers, torch.nn.MaxPool2d(2)] if pool else layers
+
+
+WIDTHS = [3, 32, 64, 128, 128]
+
+
 class CropCNN(torch.nn.Sequential):
-    """Four 3x3 conv blocks (BatchNorm, ReLU, 2x2 max-pool after the first three),
-    global average pooling and a linear classifier."""
+    """Four conv blocks (a 2x2 max-pool after the first three), global average
+    pooling and a linear classifier."""
 
     def __init__(self, classes: int):
-        layers: list[torch.nn.Module] = []
-        widths = [3, 32, 64, 128, 128]
-        for k in range(4):
-            layers += [torch.nn.Conv2d(widths[k], widths[k + 1], 3, padding=1), torch.nn.BatchNorm2d(widths[k + 1]),
-                       torch.nn.ReLU()]
-            if k < 3:
-                layers.append(torch.nn.MaxPool2d(2))
-        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(widths[-1], classes)]
+        layers = [layer for k in range(4) for layer in conv_block(WIDTHS[k], WIDTHS[k + 1], pool=k < 3)]
+        layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(WIDTHS[-1], classes)]
         super().__init__(*layers)
 
 
@@ -118,14 +121,9 @@ class GridCNN(torch.nn.Module):
 
     def __init__(self, classes: int):
         super().__init__()
-        layers: list[torch.nn.Module] = []
-        widths = [3, 32, 64, 128, 128]
-        for k in range(4):
-            layers += [torch.nn.Conv2d(widths[k], widths[k + 1], 3, padding=1), torch.nn.BatchNorm2d(widths[k + 1]),
-                       torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
-        layers += [torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.BatchNorm2d(128), torch.nn.ReLU()]
-        self.features = torch.nn.Sequential(*layers)
-        self.classify = torch.nn.Linear(128, classes)
+        layers = [layer for k in range(4) for layer in conv_block(WIDTHS[k], WIDTHS[k + 1], pool=True)]
+        self.features = torch.nn.Sequential(*layers, *conv_block(WIDTHS[-1], WIDTHS[-1], pool=False))
+        self.classify = torch.nn.Linear(WIDTHS[-1], classes)
 
     def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
         """(B, 3, S, S) images and per image (objects, cells) pooling weights ->
@@ -187,15 +185,19 @@ def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int) -> GridCNN:
     return fit(model, epochs, (len(images) + batch_size - 1) // batch_size, batches, seed, "grid CNN")
 
 
+def scored(truth: torch.Tensor, predicted: torch.Tensor) -> tuple[float, np.ndarray]:
+    """Accuracy and the (true, predicted) kind confusion counts."""
+    confusion = np.zeros((len(KINDS), len(KINDS)), dtype=int)
+    np.add.at(confusion, (truth.numpy(), predicted.numpy()), 1)
+    return float((predicted == truth).float().mean()), confusion
+
+
 @torch.no_grad()
 def grid_accuracy(model: GridCNN, inputs) -> tuple[float, np.ndarray]:
     images, covers, kinds = inputs
     predicted = torch.cat([model(images[s:s + 64].float(), covers[s:s + 64]).argmax(-1)
                            for s in range(0, len(images), 64)])
-    truth = torch.cat(kinds)
-    confusion = np.zeros((len(KINDS), len(KINDS)), dtype=int)
-    np.add.at(confusion, (truth.numpy(), predicted.numpy()), 1)
-    return float((predicted == truth).float().mean()), confusion
+    return scored(torch.cat(kinds), predicted)
 
 
 def train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int, desc: str) -> CropCNN:
@@ -216,10 +218,7 @@ def train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, se
 
 @torch.no_grad()
 def accuracy(model: CropCNN, x: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:
-    predicted = torch.cat([model(x[s:s + 512]).argmax(-1) for s in range(0, len(x), 512)])
-    confusion = np.zeros((len(KINDS), len(KINDS)), dtype=int)
-    np.add.at(confusion, (y.numpy(), predicted.numpy()), 1)
-    return float((predicted == y).float().mean()), confusion
+    return scored(y, torch.cat([model(x[s:s + 512]).argmax(-1) for s in range(0, len(x), 512)]))
 
 
 def plot(path: str, results: dict) -> None:

@@ -68,7 +68,23 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
 
 
-class ConvStem(nn.Sequential):
+def halvings(patch_size: int, stem: str) -> int:
+    """How many 2x downsamplings make ``patch_size``-pixel patches (a power of two)."""
+    steps = int(math.log2(patch_size))
+    if 2 ** steps != patch_size:
+        raise ValueError(f"a {stem} patch stem needs a power-of-two patch size, not {patch_size}")
+    return steps
+
+
+class PatchStem(nn.Sequential):
+    """Layers that stand in for CLIP's single strided patch convolution."""
+
+    @property
+    def weight(self) -> torch.Tensor:  # CLIP's embeddings read the patch embedding's dtype from here
+        return self[0].weight
+
+
+class ConvStem(PatchStem):
     """Patches -> tokens through log2(patch_size) 3x3 stride-2 convolutions, a
     drop-in for CLIP's single strided patch convolution (tiny preset only).
 
@@ -80,9 +96,7 @@ class ConvStem(nn.Sequential):
     """
 
     def __init__(self, patch_size: int, hidden_size: int):
-        steps = int(math.log2(patch_size))
-        if 2 ** steps != patch_size:
-            raise ValueError(f"a conv patch stem needs a power-of-two patch size, not {patch_size}")
+        steps = halvings(patch_size, "conv")
         widths = [3] + [max(32, hidden_size >> (steps - 1 - k)) for k in range(steps - 1)] + [hidden_size]
         layers: list[nn.Module] = []
         for k in range(steps):
@@ -91,12 +105,8 @@ class ConvStem(nn.Sequential):
                 layers.append(nn.GELU())
         super().__init__(*layers)
 
-    @property
-    def weight(self) -> torch.Tensor:  # CLIP's embeddings read the patch embedding's dtype from here
-        return self[0].weight
 
-
-class CNNStem(nn.Sequential):
+class CNNStem(PatchStem):
     """Patches -> tokens through a small CNN: per halving a 3x3 convolution,
     GroupNorm, ReLU and a 2x2 max-pool, then a 3x3 convolution to the tower's
     width (tiny preset pilots only).
@@ -108,9 +118,7 @@ class CNNStem(nn.Sequential):
     """
 
     def __init__(self, patch_size: int, hidden_size: int):
-        steps = int(math.log2(patch_size))
-        if 2 ** steps != patch_size:
-            raise ValueError(f"a CNN patch stem needs a power-of-two patch size, not {patch_size}")
+        steps = halvings(patch_size, "CNN")
         widths = [3] + [min(hidden_size, 32 << k) for k in range(steps)]
         layers: list[nn.Module] = []
         for k in range(steps):
@@ -119,9 +127,8 @@ class CNNStem(nn.Sequential):
         layers.append(nn.Conv2d(widths[-1], hidden_size, 3, padding=1))
         super().__init__(*layers)
 
-    @property
-    def weight(self) -> torch.Tensor:  # CLIP's embeddings read the patch embedding's dtype from here
-        return self[0].weight
+
+PATCH_STEMS = {"conv": ConvStem, "cnn": CNNStem}  # VisionConfig.patch_stem; "linear" keeps CLIP's own
 
 
 class VisionTower(nn.Module):
@@ -129,10 +136,9 @@ class VisionTower(nn.Module):
         super().__init__()
         self.config = config
         self.clip = clip if clip is not None else CLIPVisionModel(self.clip_config(config))
-        if config.patch_stem == "conv":
-            self.clip.embeddings.patch_embedding = ConvStem(config.patch_size, config.hidden_size)
-        elif config.patch_stem == "cnn":
-            self.clip.embeddings.patch_embedding = CNNStem(config.patch_size, config.hidden_size)
+        if config.patch_stem in PATCH_STEMS:
+            stem = PATCH_STEMS[config.patch_stem]
+            self.clip.embeddings.patch_embedding = stem(config.patch_size, config.hidden_size)
         elif config.patch_stem != "linear":
             raise ValueError(f"unknown patch_stem '{config.patch_stem}'; use 'linear', 'conv' or 'cnn'")
 
