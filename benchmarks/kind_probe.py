@@ -1,14 +1,14 @@
 """Can the vision tower's patch features tell an object's kind, colour and size, per renderer?
 
-    .venv/bin/python benchmarks/kind_probe.py [--model DIR] [--num-scenes 300]
+    .venv/bin/python benchmarks/kind_probe.py [--model DIR] [--num-scenes 300] [--layer K] [--stage-heads DIR]
         [--json out/kind_probe.json] [--plot out/kind_probe.png]
 
 Why the model grounds the ray-cast renderer's objects so much worse than its own
 could lie in two places: the image features (the tower cannot see a cup as a cup
 in those drawings) or what is learnt on top of them. This separates the two. Each
-listed object's feature is the mean of the tower's patch features (the layer the
-LLM reads) over the patches its mask covers, weighted by how much of each patch it
-covers. A linear probe (multinomial logistic regression, features standardised on
+listed object's feature is the mean of the tower's patch features (by default the
+layer the LLM reads; ``--layer`` picks another) over the patches its mask covers,
+weighted by how much of each patch it covers. A linear probe (multinomial logistic regression, features standardised on
 its training set) is trained on the objects of one renderer and tested on held-out
 scenes of every renderer:
 
@@ -47,11 +47,15 @@ PROBE_STEPS = 300
 
 
 @torch.no_grad()  # the probe trains on these: not inference tensors
-def object_features(tower, scenes, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(objects, hidden) mask-pooled patch features and each attribute's labels."""
+def object_features(tower, scenes, config, layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(objects, hidden) mask-pooled patch features of the tower's hidden state
+    ``layer`` (0: the patch embedding, as the first transformer layer takes it) and
+    each attribute's labels."""
     features, labels = [], {name: [] for name in ATTRIBUTES}
     for scene in scenes:
-        patches = tower(tower.preprocess(torch.from_numpy(scene.image.copy()))[None])[0].float()  # (grid*grid, hidden)
+        pixels = tower.preprocess(torch.from_numpy(scene.image.copy()))[None]
+        hidden = tower.clip(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
+        patches = hidden[0, 1:].float()  # (grid*grid, hidden), without the CLS token
         # Each object's share of each patch on the square-padded image the tower sees,
         # as the vision stage pools them.
         covers = object_patch_targets(scene, config)[0]
@@ -96,6 +100,40 @@ def probe_matrix(features: dict, labels: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def stage_head_accuracy(tower, heads, scenes, config, layer: int) -> dict[str, float]:
+    """The vision stage's own colour and kind heads on ``scenes``' objects, each
+    object's patches pooled as the stage pools them in training (coverage-weighted
+    sums, not means): what its loss reached on drawings it never saw."""
+    right, count = {"kind": 0, "color": 0}, 0
+    for scene in scenes:
+        pixels = tower.preprocess(torch.from_numpy(scene.image.copy()))[None]
+        patches = tower.clip(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][0, 1:].float()
+        cover, colors, kinds = object_patch_targets(scene, config)
+        seen = cover.sum(1) > 0
+        pooled = cover[seen] @ patches
+        right["kind"] += int((heads.kind(pooled).argmax(-1) == kinds[seen]).sum())
+        right["color"] += int((heads.color(pooled).argmax(-1) == colors[seen]).sum())
+        count += int(seen.sum())
+    return {name: value / max(1, count) for name, value in right.items()}
+
+
+def load_stage_heads(checkpoint: Path, hidden: int):
+    """The per-patch heads a vision stage saved beside its checkpoint (trainer.pt)."""
+    from nextchat_training.train import VisionHeads
+
+    path = checkpoint / "trainer.pt"
+    if not path.is_file():
+        raise SystemExit(f"--stage-heads: no {path}; give a vision stage's checkpoint directory "
+                         "(<out>/vision/checkpoint)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not state.get("heads"):
+        raise SystemExit(f"--stage-heads: {path} holds no heads; it is not a vision stage's checkpoint")
+    heads = VisionHeads(hidden)
+    heads.load_state_dict(state["heads"])
+    return heads.eval()
+
+
 def print_matrix(title: str, matrix: dict) -> None:
     print(f"\n{title}: probe accuracy, rows = trained on, columns = tested on")
     for name, rows in matrix.items():
@@ -135,6 +173,15 @@ def main(argv=None) -> None:
                         help="model directory (default: the shipped tiny model); runs on the CPU")
     parser.add_argument("--num-scenes", type=int, default=300,
                         help="held-out scenes per renderer, half to train the probe, half to test it (default 300)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="the tower's hidden state to probe: 0 is the patch embedding, k the output of "
+                             "transformer layer k, negative counts from the end (default: the layer the LLM "
+                             "reads, the model's vision.select_layer)")
+    parser.add_argument("--stage-heads", type=Path, default=None,
+                        help="a vision stage's checkpoint directory (<out>/vision/checkpoint): also score that "
+                             "stage's own colour and kind heads on every renderer's held-out objects. --model "
+                             "must hold the tower those heads were trained with (a vision-only run's final "
+                             "model, or this directory)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--plot", default=None, help="also draw the accuracy matrices to this PNG")
     args = parser.parse_args(argv)
@@ -142,6 +189,11 @@ def main(argv=None) -> None:
         parser.error("--num-scenes must be at least 4 (half trains the probe, half tests it)")
 
     model = load_pretrained(args.model)
+    depth = model.config.vision.num_hidden_layers
+    layer = model.config.vision.select_layer if args.layer is None else args.layer
+    if not -(depth + 1) <= layer <= depth:
+        parser.error(f"--layer must be between {-(depth + 1)} and {depth}: the tower has {depth} transformer layers")
+    heads = None if args.stage_heads is None else load_stage_heads(args.stage_heads, model.config.vision.hidden_size)
     random_model = build_model(model.config, seed=0)
     towers = {"trained": model.vision_tower.eval(), "random": random_model.vision_tower.eval()}
     half = args.num_scenes // 2
@@ -153,12 +205,19 @@ def main(argv=None) -> None:
         for renderer in RENDERERS:
             features[renderer], labels[renderer] = {}, {}
             for part, chosen in (("train", scenes[renderer][:half]), ("test", scenes[renderer][half:])):
-                features[renderer][part], labels[renderer][part] = object_features(tower, chosen, model.config)
+                features[renderer][part], labels[renderer][part] = object_features(tower, chosen, model.config, layer)
                 counts[f"{renderer} {part}"] = len(labels[renderer][part]["kind"])
         results[tower_name] = probe_matrix(features, labels)
         print_matrix(f"{tower_name} tower", results[tower_name])
-    print(f"\nobjects: {counts}")
-    figures = {**run_info(torch.device("cpu"), model.config.preset, "fp32"), "objects": counts, "probes": results}
+    print(f"\nobjects: {counts}; tower hidden state {layer} of {-(depth + 1)}..{depth}")
+    figures = {**run_info(torch.device("cpu"), model.config.preset, "fp32"), "objects": counts, "layer": layer,
+               "probes": results}
+    if heads is not None:
+        figures["stage_heads"] = {r: stage_head_accuracy(towers["trained"], heads, scenes[r], model.config, layer)
+                                  for r in RENDERERS}
+        print("\nthe vision stage's own heads, all held-out objects:")
+        for renderer, scores in figures["stage_heads"].items():
+            print(f"  {renderer:>8}  kind {scores['kind']:.3f}  colour {scores['color']:.3f}")
     write_json(args.json, figures)
     if args.plot:
         plot(args.plot, results)

@@ -65,7 +65,7 @@ from .sharding import (
 )
 
 # Loss terms logged to metrics.csv (a stage logs those its loss has).
-LOSS_TERMS = ("loss", "lm", "box", "cycle", "mask", "attention", "answer_attention", "attributes")
+LOSS_TERMS = ("loss", "lm", "box", "cycle", "mask", "attention", "answer_attention", "attributes", "patch", "object")
 MODULES = ("vision_tower", "projector", "image_position", "region_features", "llm", "box_decoder", "box_encoder",
            "seg_prompt_mlp", "sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder")
 
@@ -311,11 +311,11 @@ def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items) -> dict[s
     batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0] if k != "objects"}
     features = model.vision_tower(batch["pixels"])  # (B, g*g, C)
     ce = torch.nn.functional.cross_entropy
-    loss = ce(heads.color(features).flatten(0, 1), batch["color"].flatten())
-    loss = loss + ce(heads.kind(features).flatten(0, 1), batch["kind"].flatten())
+    patch = ce(heads.color(features).flatten(0, 1), batch["color"].flatten())
+    patch = patch + ce(heads.kind(features).flatten(0, 1), batch["kind"].flatten())
     has = batch["has"]
     if has.any():
-        loss = loss + 5 * torch.nn.functional.l1_loss(heads.box(features)[has], batch["box"][has])
+        patch = patch + 5 * torch.nn.functional.l1_loss(heads.box(features)[has], batch["box"][has])
     # Each object's colour and kind from its patches pooled by coverage, through the
     # same heads: what the LLM's attention over an object's patches will read.
     pooled, colors, kinds = [], [], []
@@ -325,11 +325,12 @@ def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items) -> dict[s
             pooled.append(cover.to(features.device, features.dtype) @ features[b])
             colors.append(color)
             kinds.append(kind)
+    objects = features.new_zeros(())
     if pooled:
         pooled = torch.cat(pooled)
-        loss = loss + ce(heads.color(pooled), torch.cat(colors).to(model.device))
-        loss = loss + ce(heads.kind(pooled), torch.cat(kinds).to(model.device))
-    return {"loss": loss, "box": loss}
+        objects = ce(heads.color(pooled), torch.cat(colors).to(model.device)) + \
+            ce(heads.kind(pooled), torch.cat(kinds).to(model.device))
+    return {"loss": patch + objects, "patch": patch, "object": objects}
 
 
 class ImageTokenAttributeHeads(torch.nn.Module):
