@@ -46,6 +46,12 @@ SEED_OFFSET = 3_100_000_000  # held-out seeds no other benchmark draws
 PROBE_STEPS = 300
 
 
+def patch_features(tower, scene, layer: int) -> torch.Tensor:
+    """(grid*grid, hidden) the tower's hidden state ``layer`` on ``scene``, without the CLS token."""
+    pixels = tower.preprocess(torch.from_numpy(scene.image.copy()))[None]
+    return tower.clip(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][0, 1:].float()
+
+
 @torch.no_grad()  # the probe trains on these: not inference tensors
 def object_features(tower, scenes, config, layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(objects, hidden) mask-pooled patch features of the tower's hidden state
@@ -53,9 +59,7 @@ def object_features(tower, scenes, config, layer: int) -> tuple[torch.Tensor, di
     each attribute's labels."""
     features, labels = [], {name: [] for name in ATTRIBUTES}
     for scene in scenes:
-        pixels = tower.preprocess(torch.from_numpy(scene.image.copy()))[None]
-        hidden = tower.clip(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
-        patches = hidden[0, 1:].float()  # (grid*grid, hidden), without the CLS token
+        patches = patch_features(tower, scene, layer)
         # Each object's share of each patch on the square-padded image the tower sees,
         # as the vision stage pools them.
         covers = object_patch_targets(scene, config)[0]
@@ -107,8 +111,7 @@ def stage_head_accuracy(tower, heads, scenes, config, layer: int) -> dict[str, f
     sums, not means): what its loss reached on drawings it never saw."""
     right, count = {"kind": 0, "color": 0}, 0
     for scene in scenes:
-        pixels = tower.preprocess(torch.from_numpy(scene.image.copy()))[None]
-        patches = tower.clip(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][0, 1:].float()
+        patches = patch_features(tower, scene, layer)
         cover, colors, kinds = object_patch_targets(scene, config)
         seen = cover.sum(1) > 0
         pooled = cover[seen] @ patches
