@@ -8,9 +8,9 @@ could lie in two places: the image features (the tower cannot see a cup as a cup
 in those drawings) or what is learnt on top of them. This separates the two. Each
 listed object's feature is the mean of the tower's patch features (by default the
 layer the LLM reads; ``--layer`` picks another) over the patches its mask covers,
-weighted by how much of each patch it covers. A linear probe (multinomial logistic regression, features standardised on
-its training set) is trained on the objects of one renderer and tested on held-out
-scenes of every renderer:
+weighted by how much of each patch it covers. A linear probe (multinomial logistic
+regression, features standardised on its training set) is trained on the objects of
+one renderer and tested on held-out scenes of every renderer:
 
 - the diagonal (train and test on one renderer, disjoint scenes) says whether the
   features hold the attribute for those drawings at all;
