@@ -29,10 +29,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from common import RENDERERS, draw_scene, run_info, write_json
+from common import RENDERERS, draw_scene, plot_heatmaps, run_info, write_json
 from nextchat_training.batches import object_patch_targets
 from tqdm import tqdm
 
@@ -53,11 +52,11 @@ def patch_features(tower, scene, layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()  # the probe trains on these: not inference tensors
-def object_features(tower, scenes, config, layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def object_features(tower, scenes, config, layer: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(objects, hidden) mask-pooled patch features of the tower's hidden state
-    ``layer`` (0: the patch embedding, as the first transformer layer takes it) and
-    each attribute's labels."""
-    features, labels = [], {name: [] for name in ATTRIBUTES}
+    ``layer`` (0: the patch embedding, as the first transformer layer takes it),
+    each object's total coverage in patches (objects,) and each attribute's labels."""
+    features, coverage, labels = [], [], {name: [] for name in ATTRIBUTES}
     for scene in scenes:
         patches = patch_features(tower, scene, layer)
         # Each object's share of each patch on the square-padded image the tower sees,
@@ -67,9 +66,10 @@ def object_features(tower, scenes, config, layer: int) -> tuple[torch.Tensor, di
             if cover.sum() <= 0:
                 continue
             features.append(cover @ patches / cover.sum())
+            coverage.append(cover.sum())
             for name, values in ATTRIBUTES.items():
                 labels[name].append(values.index(getattr(obj, name)))
-    return torch.stack(features), {name: torch.tensor(v) for name, v in labels.items()}
+    return torch.stack(features), torch.stack(coverage), {name: torch.tensor(v) for name, v in labels.items()}
 
 
 def train_probe(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int = 0):
@@ -105,20 +105,14 @@ def probe_matrix(features: dict, labels: dict) -> dict:
 
 
 @torch.no_grad()
-def stage_head_accuracy(tower, heads, scenes, config, layer: int) -> dict[str, float]:
-    """The vision stage's own colour and kind heads on ``scenes``' objects, each
-    object's patches pooled as the stage pools them in training (coverage-weighted
-    sums, not means): what its loss reached on drawings it never saw."""
-    right, count = {"kind": 0, "color": 0}, 0
-    for scene in scenes:
-        patches = patch_features(tower, scene, layer)
-        cover, colors, kinds = object_patch_targets(scene, config)
-        seen = cover.sum(1) > 0
-        pooled = cover[seen] @ patches
-        right["kind"] += int((heads.kind(pooled).argmax(-1) == kinds[seen]).sum())
-        right["color"] += int((heads.color(pooled).argmax(-1) == colors[seen]).sum())
-        count += int(seen.sum())
-    return {name: value / max(1, count) for name, value in right.items()}
+def stage_head_accuracy(heads, features: torch.Tensor, coverage: torch.Tensor, labels: dict) -> dict[str, float]:
+    """The vision stage's own colour and kind heads on object_features' objects,
+    each object's patches pooled as the stage pools them in training (the
+    coverage-weighted sum, i.e. the mean times the coverage): what its loss reached
+    on drawings it never saw. The heads count classes from 1 (0 is 'no object')."""
+    pooled = features * coverage[:, None]
+    return {name: float((getattr(heads, name)(pooled).argmax(-1) - 1 == labels[name]).float().mean())
+            for name in ("kind", "color")}
 
 
 def load_stage_heads(checkpoint: Path, hidden: int):
@@ -146,28 +140,11 @@ def print_matrix(title: str, matrix: dict) -> None:
 
 
 def plot(path: str, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    towers = list(results)
-    fig, axes = plt.subplots(len(towers), len(ATTRIBUTES), figsize=(4 * len(ATTRIBUTES), 3.6 * len(towers)),
-                             squeeze=False)
-    for i, tower in enumerate(towers):
-        for j, name in enumerate(ATTRIBUTES):
-            grid = np.array([[results[tower][name][s][t] for t in RENDERERS] for s in RENDERERS])
-            ax = axes[i, j]
-            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
-            for (r, c), value in np.ndenumerate(grid):
-                ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
-            ax.set_xticks(range(len(RENDERERS)), RENDERERS)
-            ax.set_yticks(range(len(RENDERERS)), RENDERERS)
-            ax.set_title(f"{name}, {tower} tower (chance {1 / len(ATTRIBUTES[name]):.2f})")
-            ax.set_xlabel("tested on")
-            ax.set_ylabel("trained on")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    plot_heatmaps(path, [[{"values": [[results[tower][name][s][t] for t in RENDERERS] for s in RENDERERS],
+                           "xticks": RENDERERS, "yticks": RENDERERS, "annotate": True,
+                           "title": f"{name}, {tower} tower (chance {1 / len(ATTRIBUTES[name]):.2f})",
+                           "xlabel": "tested on", "ylabel": "trained on"}
+                          for name in ATTRIBUTES] for tower in results])
 
 
 def main(argv=None) -> None:
@@ -202,22 +179,29 @@ def main(argv=None) -> None:
     half = args.num_scenes // 2
     scenes = {r: [draw_scene(r, SEED_OFFSET + k) for k in tqdm(range(args.num_scenes), desc=r, unit="scene")]
               for r in RENDERERS}
-    results, counts = {}, {}
+    results, counts, trained_objects = {}, {}, {}
     for tower_name, tower in towers.items():
         features, labels = {}, {}
         for renderer in RENDERERS:
             features[renderer], labels[renderer] = {}, {}
             for part, chosen in (("train", scenes[renderer][:half]), ("test", scenes[renderer][half:])):
-                features[renderer][part], labels[renderer][part] = object_features(tower, chosen, model.config, layer)
+                objects = object_features(tower, chosen, model.config, layer)
+                features[renderer][part], labels[renderer][part] = objects[0], objects[2]
                 counts[f"{renderer} {part}"] = len(labels[renderer][part]["kind"])
+                if tower_name == "trained":
+                    trained_objects[renderer, part] = objects
         results[tower_name] = probe_matrix(features, labels)
         print_matrix(f"{tower_name} tower", results[tower_name])
     print(f"\nobjects: {counts}; tower hidden state {layer} of {-(depth + 1)}..{depth}")
     figures = {**run_info(torch.device("cpu"), model.config.preset, "fp32"), "objects": counts, "layer": layer,
                "probes": results}
     if heads is not None:
-        figures["stage_heads"] = {r: stage_head_accuracy(towers["trained"], heads, scenes[r], model.config, layer)
-                                  for r in RENDERERS}
+        figures["stage_heads"] = {}
+        for r in RENDERERS:  # all of the renderer's held-out objects, the probe's training half too
+            both = [trained_objects[r, part] for part in ("train", "test")]
+            figures["stage_heads"][r] = stage_head_accuracy(
+                heads, torch.cat([o[0] for o in both]), torch.cat([o[1] for o in both]),
+                {name: torch.cat([o[2][name] for o in both]) for name in ("kind", "color")})
         print("\nthe vision stage's own heads, all held-out objects:")
         for renderer, scores in figures["stage_heads"].items():
             print(f"  {renderer:>8}  kind {scores['kind']:.3f}  colour {scores['color']:.3f}")
