@@ -68,3 +68,34 @@ def run_info(device, preset: str, dtype: str) -> dict:
     return {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"cpu, {torch.get_num_threads()} threads", "torch": torch.__version__, "preset": preset, "dtype": dtype}
+
+
+def plot_heatmaps(path: str, panels: list[list[dict]], cell: tuple[float, float] = (4.0, 3.6)) -> None:
+    """Write a grid of heatmaps in [0, 1] to a PNG. ``panels``: rows of dicts with
+    ``values`` (2D), ``xticks``, ``yticks``, ``title``, ``xlabel``, ``ylabel`` and,
+    optionally, ``annotate`` (write each value in its cell) and ``rotate_x``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = max(len(row) for row in panels)
+    fig, axes = plt.subplots(len(panels), columns, figsize=(cell[0] * columns, cell[1] * len(panels)), squeeze=False)
+    for i, row in enumerate(panels):
+        for j, panel in enumerate(row):
+            ax, values = axes[i, j], np.asarray(panel["values"], dtype=float)
+            ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+            if panel.get("annotate"):
+                for (r, c), value in np.ndenumerate(values):
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+            if panel.get("rotate_x"):
+                ax.set_xticks(range(len(panel["xticks"])), panel["xticks"], rotation=45, ha="right")
+            else:
+                ax.set_xticks(range(len(panel["xticks"])), panel["xticks"])
+            ax.set_yticks(range(len(panel["yticks"])), panel["yticks"])
+            ax.set_title(panel["title"])
+            ax.set_xlabel(panel["xlabel"])
+            ax.set_ylabel(panel["ylabel"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

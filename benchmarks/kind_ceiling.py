@@ -41,7 +41,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import RENDERERS, draw_scene, run_info, write_json
+from common import RENDERERS, draw_scene, plot_heatmaps, run_info, write_json
 from nextchat_training.batches import object_patch_targets
 from tqdm import tqdm
 
@@ -222,27 +222,16 @@ def accuracy(model: CropCNN, x: torch.Tensor, y: torch.Tensor) -> tuple[float, n
 
 
 def plot(path: str, results: dict) -> None:
-    import matplotlib
+    """Each variant's confusion matrix on each renderer, rows normalised to sum to 1."""
+    def rows(confusion) -> np.ndarray:
+        confusion = np.array(confusion, dtype=float)
+        return confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(results)
-    fig, axes = plt.subplots(len(variants), len(RENDERERS), figsize=(3.8 * len(RENDERERS), 3.6 * len(variants)),
-                             squeeze=False)
-    for i, variant in enumerate(variants):
-        for j, renderer in enumerate(RENDERERS):
-            confusion = np.array(results[variant][renderer]["confusion"], dtype=float)
-            rows = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-            ax = axes[i, j]
-            ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
-            ax.set_xticks(range(len(KINDS)), KINDS, rotation=45, ha="right")
-            ax.set_yticks(range(len(KINDS)), KINDS)
-            ax.set_title(f"{variant} on {renderer}: {results[variant][renderer]['accuracy']:.2f}")
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    plot_heatmaps(path, [[{"values": rows(results[variant][renderer]["confusion"]), "xticks": KINDS,
+                           "yticks": KINDS, "rotate_x": True,
+                           "title": f"{variant} on {renderer}: {results[variant][renderer]['accuracy']:.2f}",
+                           "xlabel": "predicted", "ylabel": "true"}
+                          for renderer in RENDERERS] for variant in results], cell=(3.8, 3.6))
 
 
 def main(argv=None) -> None:
