@@ -52,11 +52,11 @@ def patch_features(tower, scene, layer: int) -> torch.Tensor:
 
 
 @torch.no_grad()  # the probe trains on these: not inference tensors
-def object_features(tower, scenes, config, layer: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def object_features(tower, scenes, config, layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(objects, hidden) mask-pooled patch features of the tower's hidden state
     ``layer`` (0: the patch embedding, as the first transformer layer takes it),
-    each object's total coverage in patches (objects,) and each attribute's labels."""
-    features, coverage, labels = [], [], {name: [] for name in ATTRIBUTES}
+    and each attribute's labels."""
+    features, labels = [], {name: [] for name in ATTRIBUTES}
     for scene in scenes:
         patches = patch_features(tower, scene, layer)
         # Each object's share of each patch on the square-padded image the tower sees,
@@ -66,10 +66,9 @@ def object_features(tower, scenes, config, layer: int) -> tuple[torch.Tensor, to
             if cover.sum() <= 0:
                 continue
             features.append(cover @ patches / cover.sum())
-            coverage.append(cover.sum())
             for name, values in ATTRIBUTES.items():
                 labels[name].append(values.index(getattr(obj, name)))
-    return torch.stack(features), torch.stack(coverage), {name: torch.tensor(v) for name, v in labels.items()}
+    return torch.stack(features), {name: torch.tensor(v) for name, v in labels.items()}
 
 
 def train_probe(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int = 0):
@@ -105,13 +104,12 @@ def probe_matrix(features: dict, labels: dict) -> dict:
 
 
 @torch.no_grad()
-def stage_head_accuracy(heads, features: torch.Tensor, coverage: torch.Tensor, labels: dict) -> dict[str, float]:
+def stage_head_accuracy(heads, features: torch.Tensor, labels: dict) -> dict[str, float]:
     """The vision stage's own colour and kind heads on object_features' objects,
     each object's patches pooled as the stage pools them in training (the
-    coverage-weighted sum, i.e. the mean times the coverage): what its loss reached
-    on drawings it never saw. The heads count classes from 1 (0 is 'no object')."""
-    pooled = features * coverage[:, None]
-    return {name: float((getattr(heads, name)(pooled).argmax(-1) - 1 == labels[name]).float().mean())
+    coverage-weighted mean): what its loss reached on drawings it never saw. The
+    heads count classes from 1 (0 is 'no object')."""
+    return {name: float((getattr(heads, name)(features).argmax(-1) - 1 == labels[name]).float().mean())
             for name in ("kind", "color")}
 
 
@@ -186,7 +184,7 @@ def main(argv=None) -> None:
             features[renderer], labels[renderer] = {}, {}
             for part, chosen in (("train", scenes[renderer][:half]), ("test", scenes[renderer][half:])):
                 objects = object_features(tower, chosen, model.config, layer)
-                features[renderer][part], labels[renderer][part] = objects[0], objects[2]
+                features[renderer][part], labels[renderer][part] = objects
                 counts[f"{renderer} {part}"] = len(labels[renderer][part]["kind"])
                 if tower_name == "trained":
                     trained_objects[renderer, part] = objects
@@ -200,8 +198,8 @@ def main(argv=None) -> None:
         for r in RENDERERS:  # all of the renderer's held-out objects, the probe's training half too
             both = [trained_objects[r, part] for part in ("train", "test")]
             figures["stage_heads"][r] = stage_head_accuracy(
-                heads, torch.cat([o[0] for o in both]), torch.cat([o[1] for o in both]),
-                {name: torch.cat([o[2][name] for o in both]) for name in ("kind", "color")})
+                heads, torch.cat([o[0] for o in both]),
+                {name: torch.cat([o[1][name] for o in both]) for name in ("kind", "color")})
         print("\nthe vision stage's own heads, all held-out objects:")
         for renderer, scores in figures["stage_heads"].items():
             print(f"  {renderer:>8}  kind {scores['kind']:.3f}  colour {scores['color']:.3f}")

@@ -112,7 +112,9 @@ def test_stage_configs_refuse_what_fsdp_and_lora_cannot_do(tmp_path):
              "lora: {rank: 8}\ntrainable: [projector]": "add llm",
              "lora: {rank: 8}\nparallel: fsdp": "without parallel: fsdp",
              "lora: {size: 8}": "unknown lora keys",
-             "parallel: zero3": "parallel must be"}
+             "parallel: zero3": "parallel must be",
+             "object_weight: -1": "object_weight must be >= 0",
+             "object_weight: 4": "this is a lm stage"}
     for text, message in cases.items():
         path = tmp_path / "stage.yaml"
         path.write_text("name: s\n" + text + "\n")

@@ -95,6 +95,9 @@ class StageConfig:
     mask_box_jitter: float = 0.0  # SAM is prompted with boxes jittered by this fraction of their size
     # Loss weights over the preset's (objective.LossWeights), e.g. {box_giou: 0.2}.
     loss: dict[str, float] | None = None
+    # Vision stage: weight of each object's colour and kind from its pooled patches
+    # against the per-patch colour, kind and box terms (vision_stage_loss).
+    object_weight: float = 1.0
     # Weight of the image-token attribute loss (ImageTokenAttributeHeads; synthetic data only).
     image_attributes: float = 0.0
     # A relation's anchor name in the question looks at the anchor (grounding-attention
@@ -128,6 +131,11 @@ class StageConfig:
             raise ValueError(f"{path}: unknown modules in 'trainable': {bad}; known: {MODULES}")
         if stage.kind not in ("lm", "sam", "vision"):
             raise ValueError(f"{path}: kind must be 'lm', 'sam' or 'vision'")
+        if not stage.object_weight >= 0:
+            raise ValueError(f"{path}: object_weight must be >= 0")
+        if stage.object_weight != 1.0 and stage.kind != "vision":
+            raise ValueError(f"{path}: object_weight weighs a vision stage's object loss; this is a "
+                             f"{stage.kind} stage")
         if stage.turns_per_image < 1:
             raise ValueError(f"{path}: turns_per_image must be >= 1")
         if stage.parallel not in PARALLEL:
@@ -307,7 +315,8 @@ class VisionHeads(torch.nn.Module):
         self.box = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, 4))
 
 
-def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items) -> dict[str, torch.Tensor]:
+def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items,
+                      object_weight: float = 1.0) -> dict[str, torch.Tensor]:
     batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0] if k != "objects"}
     features = model.vision_tower(batch["pixels"])  # (B, g*g, C)
     ce = torch.nn.functional.cross_entropy
@@ -316,8 +325,9 @@ def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items) -> dict[s
     has = batch["has"]
     if has.any():
         patch = patch + 5 * torch.nn.functional.l1_loss(heads.box(features)[has], batch["box"][has])
-    # Each object's colour and kind from its patches pooled by coverage, through the
-    # same heads: what the LLM's attention over an object's patches will read.
+    # Each object's colour and kind from the coverage-weighted mean of its patches (the
+    # weights sum to 1), through the same heads: what the LLM's attention over an
+    # object's patches will read.
     pooled, colors, kinds = [], [], []
     for b, item in enumerate(items):
         cover, color, kind = item["objects"]
@@ -330,7 +340,7 @@ def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items) -> dict[s
         pooled = torch.cat(pooled)
         objects = ce(heads.color(pooled), torch.cat(colors).to(model.device)) + \
             ce(heads.kind(pooled), torch.cat(kinds).to(model.device))
-    return {"loss": patch + objects, "patch": patch, "object": objects}
+    return {"loss": patch + object_weight * objects, "patch": patch, "object": objects}
 
 
 class ImageTokenAttributeHeads(torch.nn.Module):
@@ -447,7 +457,7 @@ def vision_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabl
     torch.manual_seed(seed)
     heads = VisionHeads(model.config.vision.hidden_size).to(model.device)
     return StageParts(VisionItems(stream, model.config), list_of_items,
-                      lambda items: vision_stage_loss(model, heads, items), heads,
+                      lambda items: vision_stage_loss(model, heads, items, stage.object_weight), heads,
                       params + list(heads.parameters()))
 
 
