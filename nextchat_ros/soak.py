@@ -557,8 +557,17 @@ def judge(soak: Soak, node_log: str, rss_after_s: float = 300.0) -> SoakReport:
         slowest = None if None in times else max(times)
         recovery[kind] = None if slowest is None else round(slowest, 2)
         if slowest is None:
+            # What the queries after it got, so that a failure says whether the node
+            # was stuck (refusals, no answers) or only slower than the bar.
+            last = max(f.end for f in faults if f.name == kind)
+            got = [latency(q) for t, q in structured if t >= last]
+            ms = [m for m in got if m is not None]
+            seen = f"{len(got)} sent after it, none answered"
+            if ms:
+                seen = (f"{len(got)} sent after it: {len(ms)} answered (median {np.median(ms):.0f} ms, "
+                        f"{sum(m <= bar for m in ms)} within the bar)")
             violations.append(f"after a {kind} fault the node never answered {RECOVERY_RUN} structured queries "
-                              f"in a row within {bar:.0f} ms")
+                              f"in a row within {bar:.0f} ms; {seen}")
 
     stamp_violations = [q for q, s in sent.items() if s.stamp_ns and received.get(q)
                         and received[q][0].status == Status.OK and received[q][0].stamp_ns != s.stamp_ns]
