@@ -114,7 +114,9 @@ def test_stage_configs_refuse_what_fsdp_and_lora_cannot_do(tmp_path):
              "lora: {size: 8}": "unknown lora keys",
              "parallel: zero3": "parallel must be",
              "object_weight: -1": "object_weight must be >= 0",
-             "object_weight: 4": "this is a lm stage"}
+             "object_weight: 4": "this is a lm stage",
+             "kind: vision\npatch_kind_weight: -0.5": "patch_kind_weight must be >= 0",
+             "kind: sam\npatch_kind_weight: 0": "this is a sam stage"}
     for text, message in cases.items():
         path = tmp_path / "stage.yaml"
         path.write_text("name: s\n" + text + "\n")

@@ -98,6 +98,8 @@ class StageConfig:
     # Vision stage: weight of each object's colour and kind from its pooled patches
     # against the per-patch colour, kind and box terms (vision_stage_loss).
     object_weight: float = 1.0
+    # Vision stage: weight of the per-patch kind term (0 leaves kind to the object term).
+    patch_kind_weight: float = 1.0
     # Weight of the image-token attribute loss (ImageTokenAttributeHeads; synthetic data only).
     image_attributes: float = 0.0
     # A relation's anchor name in the question looks at the anchor (grounding-attention
@@ -131,11 +133,12 @@ class StageConfig:
             raise ValueError(f"{path}: unknown modules in 'trainable': {bad}; known: {MODULES}")
         if stage.kind not in ("lm", "sam", "vision"):
             raise ValueError(f"{path}: kind must be 'lm', 'sam' or 'vision'")
-        if not stage.object_weight >= 0:
-            raise ValueError(f"{path}: object_weight must be >= 0")
-        if stage.object_weight != 1.0 and stage.kind != "vision":
-            raise ValueError(f"{path}: object_weight weighs a vision stage's object loss; this is a "
-                             f"{stage.kind} stage")
+        for key in ("object_weight", "patch_kind_weight"):
+            if not getattr(stage, key) >= 0:
+                raise ValueError(f"{path}: {key} must be >= 0")
+            if getattr(stage, key) != 1.0 and stage.kind != "vision":
+                raise ValueError(f"{path}: {key} weighs a term of a vision stage's loss; this is a "
+                                 f"{stage.kind} stage")
         if stage.turns_per_image < 1:
             raise ValueError(f"{path}: turns_per_image must be >= 1")
         if stage.parallel not in PARALLEL:
@@ -316,12 +319,12 @@ class VisionHeads(torch.nn.Module):
 
 
 def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items,
-                      object_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                      object_weight: float = 1.0, patch_kind_weight: float = 1.0) -> dict[str, torch.Tensor]:
     batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0] if k != "objects"}
     features = model.vision_tower(batch["pixels"])  # (B, g*g, C)
     ce = torch.nn.functional.cross_entropy
     patch = ce(heads.color(features).flatten(0, 1), batch["color"].flatten())
-    patch = patch + ce(heads.kind(features).flatten(0, 1), batch["kind"].flatten())
+    patch = patch + patch_kind_weight * ce(heads.kind(features).flatten(0, 1), batch["kind"].flatten())
     has = batch["has"]
     if has.any():
         patch = patch + 5 * torch.nn.functional.l1_loss(heads.box(features)[has], batch["box"][has])
@@ -457,7 +460,8 @@ def vision_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabl
     torch.manual_seed(seed)
     heads = VisionHeads(model.config.vision.hidden_size).to(model.device)
     return StageParts(VisionItems(stream, model.config), list_of_items,
-                      lambda items: vision_stage_loss(model, heads, items, stage.object_weight), heads,
+                      lambda items: vision_stage_loss(model, heads, items, stage.object_weight,
+                                                      stage.patch_kind_weight), heads,
                       params + list(heads.parameters()))
 
 
