@@ -1,7 +1,7 @@
 """How well can an object's kind be told from its pixels alone, per renderer?
 
     .venv/bin/python benchmarks/kind_ceiling.py [--train-scenes 3000] [--test-scenes 300]
-        [--variants full,half,masked,grid] [--epochs 10] [--json out/kind_ceiling.json]
+        [--variants full,half,masked,grid] [--epochs 10] [--norm batch|group] [--json out/kind_ceiling.json]
         [--plot out/kind_ceiling.png]
 
 `kind_probe.py` reads the kind from the vision tower's mask-pooled patch features
@@ -29,6 +29,10 @@ Variants, each its own CNN from the same seed:
   (``object_patch_targets``), then a linear classifier: the tower's input and
   pooling with a CNN in place of the ViT. Between the crops and the tower, it says
   whether the 10x10 pooling or the tower itself loses the shape.
+
+``--norm group`` builds every CNN with GroupNorm (8 groups) where it has
+BatchNorm, as the tower's ``CNNStem`` does (so that a frozen tower stays the same
+function in train mode): does the tower's normalisation lose the shape?
 
 Chance is 1/6. Runs on the CPU; no model is read or changed.
 """
@@ -96,9 +100,14 @@ def crops_of(scenes, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def conv_block(width_in: int, width_out: int, pool: bool) -> list[torch.nn.Module]:
-    """3x3 convolution, BatchNorm, ReLU and, if ``pool``, a 2x2 max-pool."""
-    layers = [torch.nn.Conv2d(width_in, width_out, 3, padding=1), torch.nn.BatchNorm2d(width_out), torch.nn.ReLU()]
+NORMS = ("batch", "group")
+
+
+def conv_block(width_in: int, width_out: int, pool: bool, norm: str) -> list[torch.nn.Module]:
+    """3x3 convolution, BatchNorm (or GroupNorm of 8 groups, as the tower's CNNStem
+    has), ReLU and, if ``pool``, a 2x2 max-pool."""
+    normalise = torch.nn.BatchNorm2d(width_out) if norm == "batch" else torch.nn.GroupNorm(8, width_out)
+    layers = [torch.nn.Conv2d(width_in, width_out, 3, padding=1), normalise, torch.nn.ReLU()]
     return [*layers, torch.nn.MaxPool2d(2)] if pool else layers
 
 
@@ -109,8 +118,8 @@ class CropCNN(torch.nn.Sequential):
     """Four conv blocks (a 2x2 max-pool after the first three), global average
     pooling and a linear classifier."""
 
-    def __init__(self, classes: int):
-        layers = [layer for k in range(4) for layer in conv_block(WIDTHS[k], WIDTHS[k + 1], pool=k < 3)]
+    def __init__(self, classes: int, norm: str):
+        layers = [layer for k in range(4) for layer in conv_block(WIDTHS[k], WIDTHS[k + 1], k < 3, norm)]
         layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(WIDTHS[-1], classes)]
         super().__init__(*layers)
 
@@ -119,10 +128,10 @@ class GridCNN(torch.nn.Module):
     """The same four conv blocks down to the tiny tower's 10x10 grid, one more 3x3
     conv there, mask-coverage pooling per object and a linear classifier."""
 
-    def __init__(self, classes: int):
+    def __init__(self, classes: int, norm: str):
         super().__init__()
-        layers = [layer for k in range(4) for layer in conv_block(WIDTHS[k], WIDTHS[k + 1], pool=True)]
-        self.features = torch.nn.Sequential(*layers, *conv_block(WIDTHS[-1], WIDTHS[-1], pool=False))
+        layers = [layer for k in range(4) for layer in conv_block(WIDTHS[k], WIDTHS[k + 1], True, norm)]
+        self.features = torch.nn.Sequential(*layers, *conv_block(WIDTHS[-1], WIDTHS[-1], False, norm))
         self.classify = torch.nn.Linear(WIDTHS[-1], classes)
 
     def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
@@ -170,10 +179,10 @@ def fit(model: torch.nn.Module, epochs: int, steps_per_epoch: int, batches, seed
     return model.eval()
 
 
-def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int) -> GridCNN:
+def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int, norm: str) -> GridCNN:
     images, covers, kinds = inputs
     torch.manual_seed(seed)
-    model = GridCNN(len(KINDS))
+    model = GridCNN(len(KINDS), norm)
     batch_size = max(1, batch_size // 4)  # scenes of ~3.5 objects each
 
     def batches(generator):
@@ -200,9 +209,10 @@ def grid_accuracy(model: GridCNN, inputs) -> tuple[float, np.ndarray]:
     return scored(torch.cat(kinds), predicted)
 
 
-def train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int, desc: str) -> CropCNN:
+def train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int, norm: str,
+              desc: str) -> CropCNN:
     torch.manual_seed(seed)
-    model = CropCNN(len(KINDS))
+    model = CropCNN(len(KINDS), norm)
 
     def batches(generator):
         order = torch.randperm(len(x), generator=generator)
@@ -244,6 +254,9 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=10, help="epochs over the training crops (default 10)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--norm", choices=NORMS, default="batch",
+                        help="the CNNs' normalisation: batch (default), or group (GroupNorm, 8 groups), "
+                             "as the tower's CNNStem has")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--plot", default=None, help="also draw each variant's confusion matrices to this PNG")
     args = parser.parse_args(argv)
@@ -264,12 +277,12 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         if variant == "grid":
             inputs = grid_inputs(train_scenes)
-            model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed)
+            model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed, args.norm)
             measure = grid_accuracy
             test_inputs = {r: grid_inputs(test_scenes[r]) for r in RENDERERS}
         else:
             inputs = crops_of(train_scenes, variant)
-            model = train_cnn(*inputs, args.epochs, args.batch_size, args.seed, f"{variant} crops")
+            model = train_cnn(*inputs, args.epochs, args.batch_size, args.seed, args.norm, f"{variant} crops")
             measure = lambda model, inputs: accuracy(model, *inputs)  # noqa: E731
             test_inputs = {r: crops_of(test_scenes[r], variant) for r in RENDERERS}
         train_accuracy, train_confusion = measure(model, inputs)
@@ -284,7 +297,7 @@ def main(argv=None) -> None:
               f"  ({results[variant]['train_s']:.0f} s)")
     print(f"objects: {counts}; kinds in confusion order: {list(KINDS)}")
     write_json(args.json, {**run_info(torch.device("cpu"), "none", "fp32"), "objects": counts,
-                           "epochs": args.epochs, "crop": CROP, "results": results})
+                           "epochs": args.epochs, "norm": args.norm, "crop": CROP, "results": results})
     if args.plot:
         plot(args.plot, results)
 
