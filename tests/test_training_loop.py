@@ -274,3 +274,29 @@ def test_a_training_config_changes_its_presets_model_and_the_change_is_saved(tmp
         TrainConfig.load(write("model: {vision: {image_sise: 320}}\n"))
     with pytest.raises(ValueError, match="init_checkpoint keeps its config"):
         TrainConfig.load(write(f"init_checkpoint: {tmp_path}\nmodel: {{seed_text: 1}}\n"))
+
+
+def test_the_vision_stage_weights_its_per_patch_and_object_terms_as_its_keys_say():
+    """patch_weight scales the per-patch colour, kind and box terms together; at 0 the
+    tower learns from the object term alone and the per-patch heads get no gradient."""
+    from nextchat_training.train import VisionHeads, VisionItems, vision_stage_loss
+
+    from nextchat_ros.synthetic.samples import SyntheticTabletop
+
+    model = build_model("tiny", seed=0)
+    items = VisionItems(SyntheticTabletop("train", height=120, width=160), model.config)
+    batch = [items[i] for i in range(3)]
+    torch.manual_seed(0)
+    heads = VisionHeads(model.config.vision.hidden_size)
+    plain = vision_stage_loss(model, heads, batch)
+    torch.testing.assert_close(plain["loss"], plain["patch"] + plain["object"])
+    assert plain["patch"].item() > 0 and plain["object"].item() > 0
+    weighted = vision_stage_loss(model, heads, batch, object_weight=2.0, patch_weight=0.5)
+    torch.testing.assert_close(weighted["loss"], 0.5 * plain["patch"] + 2.0 * plain["object"])
+
+    alone = vision_stage_loss(model, heads, batch, object_weight=1.0, patch_weight=0.0)
+    torch.testing.assert_close(alone["loss"], plain["object"])
+    alone["loss"].backward()
+    assert all(float(p.grad.abs().max()) == 0 for p in heads.box.parameters())
+    assert float(heads.kind.weight.grad.abs().max()) > 0  # the object term reads the kind head
+    assert any(float(p.grad.abs().max()) > 0 for p in model.vision_tower.parameters() if p.grad is not None)

@@ -100,6 +100,9 @@ class StageConfig:
     object_weight: float = 1.0
     # Vision stage: weight of the per-patch kind term (0 leaves kind to the object term).
     patch_kind_weight: float = 1.0
+    # Vision stage: weight of all the per-patch terms, colour, kind and box (0 teaches
+    # the tower through the object term alone, as kind_ceiling.py's grid CNN is taught).
+    patch_weight: float = 1.0
     # Weight of the image-token attribute loss (ImageTokenAttributeHeads; synthetic data only).
     image_attributes: float = 0.0
     # A relation's anchor name in the question looks at the anchor (grounding-attention
@@ -127,18 +130,27 @@ class StageConfig:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown stage keys {sorted(unknown)}")
+        for key, value in data.items():
+            wanted = cls.__dataclass_fields__[key].type  # "int", "float", ... (postponed annotations)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if (wanted == "float" and not number) or (wanted == "int" and not (number and isinstance(value, int))):
+                raise ValueError(f"{path}: {key} must be {'an integer' if wanted == 'int' else 'a number'}, "
+                                 f"not {value!r}{_yaml_number_hint(value)}")
         stage = cls(**data)
         bad = [m for m in stage.trainable if m not in MODULES]
         if bad:
             raise ValueError(f"{path}: unknown modules in 'trainable': {bad}; known: {MODULES}")
         if stage.kind not in ("lm", "sam", "vision"):
             raise ValueError(f"{path}: kind must be 'lm', 'sam' or 'vision'")
-        for key in ("object_weight", "patch_kind_weight"):
+        for key in ("object_weight", "patch_kind_weight", "patch_weight"):
             if not getattr(stage, key) >= 0:
                 raise ValueError(f"{path}: {key} must be >= 0")
             if getattr(stage, key) != 1.0 and stage.kind != "vision":
                 raise ValueError(f"{path}: {key} weighs a term of a vision stage's loss; this is a "
                                  f"{stage.kind} stage")
+        if stage.kind == "vision" and stage.patch_weight == 0 and stage.object_weight == 0:
+            raise ValueError(f"{path}: patch_weight and object_weight are both 0: the vision stage would have "
+                             "no loss")
         if stage.turns_per_image < 1:
             raise ValueError(f"{path}: turns_per_image must be >= 1")
         if stage.parallel not in PARALLEL:
@@ -234,6 +246,18 @@ def apply_freeze_schedule(model: NextChatModel, trainable: list[str]) -> list[to
     return params
 
 
+def _yaml_number_hint(value) -> str:
+    """Why a number may have arrived as a string: YAML 1.1 reads 1.0e9 (no sign in
+    the exponent) as one."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (YAML read it as a string: write an exponent with its sign, e.g. 1.0e+9)"
+
+
 def lr_lambda(stage: StageConfig):
     warmup = max(1, int(stage.warmup_ratio * stage.steps))
 
@@ -318,8 +342,8 @@ class VisionHeads(torch.nn.Module):
         self.box = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, 4))
 
 
-def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items,
-                      object_weight: float = 1.0, patch_kind_weight: float = 1.0) -> dict[str, torch.Tensor]:
+def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items, object_weight: float = 1.0,
+                      patch_kind_weight: float = 1.0, patch_weight: float = 1.0) -> dict[str, torch.Tensor]:
     batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0] if k != "objects"}
     features = model.vision_tower(batch["pixels"])  # (B, g*g, C)
     ce = torch.nn.functional.cross_entropy
@@ -343,7 +367,7 @@ def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items,
         pooled = torch.cat(pooled)
         objects = ce(heads.color(pooled), torch.cat(colors).to(model.device)) + \
             ce(heads.kind(pooled), torch.cat(kinds).to(model.device))
-    return {"loss": patch + object_weight * objects, "patch": patch, "object": objects}
+    return {"loss": patch_weight * patch + object_weight * objects, "patch": patch, "object": objects}
 
 
 class ImageTokenAttributeHeads(torch.nn.Module):
@@ -461,7 +485,7 @@ def vision_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabl
     heads = VisionHeads(model.config.vision.hidden_size).to(model.device)
     return StageParts(VisionItems(stream, model.config), list_of_items,
                       lambda items: vision_stage_loss(model, heads, items, stage.object_weight,
-                                                      stage.patch_kind_weight), heads,
+                                                      stage.patch_kind_weight, stage.patch_weight), heads,
                       params + list(heads.parameters()))
 
 
