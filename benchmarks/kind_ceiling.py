@@ -1,7 +1,7 @@
 """How well can an object's kind be told from its pixels alone, per renderer?
 
     .venv/bin/python benchmarks/kind_ceiling.py [--train-scenes 3000] [--test-scenes 300]
-        [--variants full,half,masked,grid] [--epochs 10] [--norm batch|group] [--json out/kind_ceiling.json]
+        [--variants full,half,masked,grid,stem] [--epochs 10] [--norm batch|group] [--json out/kind_ceiling.json]
         [--plot out/kind_ceiling.png]
 
 `kind_probe.py` reads the kind from the vision tower's mask-pooled patch features
@@ -28,7 +28,13 @@ Variants, each its own CNN from the same seed:
   coverage exactly as the vision stage pools the tower's patches
   (``object_patch_targets``), then a linear classifier: the tower's input and
   pooling with a CNN in place of the ViT. Between the crops and the tower, it says
-  whether the 10x10 pooling or the tower itself loses the shape.
+  whether the 10x10 pooling or the tower itself loses the shape;
+- ``stem``: ``grid`` with the tiny tower's own patch stem in place of the grid
+  CNN's blocks (``CNNStem`` at the CNN-stem pilots' width, GroupNorm, its last
+  convolution with no norm or ReLU after it) and the LayerNorm the tower puts after
+  it, then the same pooling and classifier: taught by this script's recipe, does the
+  stem read what the grid CNN reads? (``--norm`` does not apply: the stem has
+  GroupNorm.)
 
 ``--norm group`` builds every CNN with GroupNorm (8 groups) where it has
 BatchNorm, as the tower's ``CNNStem`` does (so that a frozen tower stays the same
@@ -55,7 +61,7 @@ from nextchat_ros.synthetic.samples import RENDERERS as RENDER_FUNCTIONS
 from nextchat_ros.synthetic.samples import SPLIT_SEED
 from nextchat_ros.synthetic.scenes import KINDS
 
-VARIANTS = ("full", "half", "masked", "grid")
+VARIANTS = ("full", "half", "masked", "grid", "stem")
 CROP = 40
 SEED_OFFSET = 3_200_000_000  # held-out seeds no other benchmark draws
 GREY = 0.5
@@ -141,6 +147,24 @@ class GridCNN(torch.nn.Module):
         return self.classify(torch.cat([cover @ cell for cover, cell in zip(covers, cells)]))
 
 
+class StemGrid(torch.nn.Module):
+    """The tiny tower's CNN patch stem and the LayerNorm after it (the tower's
+    pre-LayerNorm), mask-coverage pooling per object and a linear classifier."""
+
+    def __init__(self, classes: int):
+        from nextchat_ros.model.vision import CNNStem
+
+        super().__init__()
+        vision = get_preset("tiny").vision
+        self.features = CNNStem(vision.patch_size, vision.hidden_size)
+        self.norm = torch.nn.LayerNorm(vision.hidden_size)
+        self.classify = torch.nn.Linear(vision.hidden_size, classes)
+
+    def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
+        cells = self.norm(self.features(images).flatten(2).transpose(1, 2))  # (B, cells, C)
+        return self.classify(torch.cat([cover @ cell for cover, cell in zip(covers, cells)]))
+
+
 def grid_inputs(scenes) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Tower-preprocessed images (fp16, to keep thousands in memory), each image's
     objects' coverage weights (normalised to sum to 1) and kind labels."""
@@ -179,10 +203,12 @@ def fit(model: torch.nn.Module, epochs: int, steps_per_epoch: int, batches, seed
     return model.eval()
 
 
-def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int, norm: str) -> GridCNN:
+def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int, norm: str,
+                   stem: bool = False) -> GridCNN | StemGrid:
+    """The grid CNN, or with ``stem`` the tower's patch stem in its place."""
     images, covers, kinds = inputs
     torch.manual_seed(seed)
-    model = GridCNN(len(KINDS), norm)
+    model = StemGrid(len(KINDS)) if stem else GridCNN(len(KINDS), norm)
     batch_size = max(1, batch_size // 4)  # scenes of ~3.5 objects each
 
     def batches(generator):
@@ -191,7 +217,8 @@ def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int, norm: str) -
             index = order[start:start + batch_size]
             yield model(images[index].float(), [covers[i] for i in index]), torch.cat([kinds[i] for i in index])
 
-    return fit(model, epochs, (len(images) + batch_size - 1) // batch_size, batches, seed, "grid CNN")
+    return fit(model, epochs, (len(images) + batch_size - 1) // batch_size, batches, seed,
+               "tower stem" if stem else "grid CNN")
 
 
 def scored(truth: torch.Tensor, predicted: torch.Tensor) -> tuple[float, np.ndarray]:
@@ -202,7 +229,7 @@ def scored(truth: torch.Tensor, predicted: torch.Tensor) -> tuple[float, np.ndar
 
 
 @torch.no_grad()
-def grid_accuracy(model: GridCNN, inputs) -> tuple[float, np.ndarray]:
+def grid_accuracy(model: GridCNN | StemGrid, inputs) -> tuple[float, np.ndarray]:
     images, covers, kinds = inputs
     predicted = torch.cat([model(images[s:s + 64].float(), covers[s:s + 64]).argmax(-1)
                            for s in range(0, len(images), 64)])
@@ -275,9 +302,9 @@ def main(argv=None) -> None:
     results, counts = {}, {}
     for variant in variants:
         t0 = time.perf_counter()
-        if variant == "grid":
+        if variant in ("grid", "stem"):
             inputs = grid_inputs(train_scenes)
-            model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed, args.norm)
+            model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed, args.norm, variant == "stem")
             measure = grid_accuracy
             test_inputs = {r: grid_inputs(test_scenes[r]) for r in RENDERERS}
         else:
