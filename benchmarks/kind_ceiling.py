@@ -1,8 +1,8 @@
 """How well can an object's kind be told from its pixels alone, per renderer?
 
     .venv/bin/python benchmarks/kind_ceiling.py [--train-scenes 3000] [--test-scenes 300]
-        [--variants full,half,masked,grid,stem] [--epochs 10] [--norm batch|group] [--json out/kind_ceiling.json]
-        [--plot out/kind_ceiling.png]
+        [--variants full,half,masked,grid,stem,stem_position] [--epochs 10] [--norm batch|group]
+        [--json out/kind_ceiling.json] [--plot out/kind_ceiling.png]
 
 `kind_probe.py` reads the kind from the vision tower's mask-pooled patch features
 and finds it mostly missing for 3D solids. This asks the question without the
@@ -35,6 +35,10 @@ Variants, each its own CNN from the same seed:
   it, then the same pooling and classifier: taught by this script's recipe, does the
   stem read what the grid CNN reads? (``--norm`` does not apply: the stem has
   GroupNorm.)
+- ``stem_position``: ``stem`` with the tower's learned position embedding between
+  the stem and the LayerNorm, initialised as the tower's (``sincos_2d``, larger
+  than the stem's output at the start): does the position signal the tower adds
+  drown the shape?
 
 ``--norm group`` builds every CNN with GroupNorm (8 groups) where it has
 BatchNorm, as the tower's ``CNNStem`` does (so that a frozen tower stays the same
@@ -61,7 +65,7 @@ from nextchat_ros.synthetic.samples import RENDERERS as RENDER_FUNCTIONS
 from nextchat_ros.synthetic.samples import SPLIT_SEED
 from nextchat_ros.synthetic.scenes import KINDS
 
-VARIANTS = ("full", "half", "masked", "grid", "stem")
+VARIANTS = ("full", "half", "masked", "grid", "stem", "stem_position")
 CROP = 40
 SEED_OFFSET = 3_200_000_000  # held-out seeds no other benchmark draws
 GREY = 0.5
@@ -148,20 +152,26 @@ class GridCNN(torch.nn.Module):
 
 
 class StemGrid(torch.nn.Module):
-    """The tiny tower's CNN patch stem and the LayerNorm after it (the tower's
+    """The tiny tower's CNN patch stem, with ``position`` its learned position
+    embedding (initialised as the tower's), and the LayerNorm after it (the tower's
     pre-LayerNorm), mask-coverage pooling per object and a linear classifier."""
 
-    def __init__(self, classes: int):
-        from nextchat_ros.model.vision import CNNStem
+    def __init__(self, classes: int, position: bool = False):
+        from nextchat_ros.model.vision import CNNStem, sincos_2d
 
         super().__init__()
         vision = get_preset("tiny").vision
         self.features = CNNStem(vision.patch_size, vision.hidden_size)
+        grid = vision.image_size // vision.patch_size
+        self.position = torch.nn.Parameter(sincos_2d(grid, vision.hidden_size)) if position else None
         self.norm = torch.nn.LayerNorm(vision.hidden_size)
         self.classify = torch.nn.Linear(vision.hidden_size, classes)
 
     def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
-        cells = self.norm(self.features(images).flatten(2).transpose(1, 2))  # (B, cells, C)
+        cells = self.features(images).flatten(2).transpose(1, 2)  # (B, cells, C)
+        if self.position is not None:
+            cells = cells + self.position
+        cells = self.norm(cells)
         return self.classify(torch.cat([cover @ cell for cover, cell in zip(covers, cells)]))
 
 
@@ -204,11 +214,12 @@ def fit(model: torch.nn.Module, epochs: int, steps_per_epoch: int, batches, seed
 
 
 def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int, norm: str,
-                   stem: bool = False) -> GridCNN | StemGrid:
-    """The grid CNN, or with ``stem`` the tower's patch stem in its place."""
+                   variant: str = "grid") -> GridCNN | StemGrid:
+    """The grid CNN, or for ``stem`` / ``stem_position`` the tower's patch stem in its place."""
     images, covers, kinds = inputs
     torch.manual_seed(seed)
-    model = StemGrid(len(KINDS)) if stem else GridCNN(len(KINDS), norm)
+    stem = variant.startswith("stem")
+    model = StemGrid(len(KINDS), variant == "stem_position") if stem else GridCNN(len(KINDS), norm)
     batch_size = max(1, batch_size // 4)  # scenes of ~3.5 objects each
 
     def batches(generator):
@@ -302,9 +313,9 @@ def main(argv=None) -> None:
     results, counts = {}, {}
     for variant in variants:
         t0 = time.perf_counter()
-        if variant in ("grid", "stem"):
+        if variant in ("grid", "stem", "stem_position"):
             inputs = grid_inputs(train_scenes)
-            model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed, args.norm, variant == "stem")
+            model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed, args.norm, variant)
             measure = grid_accuracy
             test_inputs = {r: grid_inputs(test_scenes[r]) for r in RENDERERS}
         else:
