@@ -66,6 +66,7 @@ from nextchat_ros.synthetic.samples import SPLIT_SEED
 from nextchat_ros.synthetic.scenes import KINDS
 
 VARIANTS = ("full", "half", "masked", "grid", "stem", "stem_position")
+GRID_VARIANTS = ("grid", "stem", "stem_position")  # the whole image pooled over the 10x10 grid, not crops
 CROP = 40
 SEED_OFFSET = 3_200_000_000  # held-out seeds no other benchmark draws
 GREY = 0.5
@@ -134,7 +135,22 @@ class CropCNN(torch.nn.Sequential):
         super().__init__(*layers)
 
 
-class GridCNN(torch.nn.Module):
+class CoveragePooled(torch.nn.Module):
+    """Features on the tiny tower's 10x10 grid (``cells``, each subclass its own),
+    pooled per object by mask coverage as the vision stage pools the tower's
+    patches, and a linear classifier (``classify``)."""
+
+    def cells(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images -> (B, cells, C) features."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
+        """(B, 3, S, S) images and per image (objects, cells) pooling weights ->
+        (all objects, classes) logits."""
+        return self.classify(torch.cat([cover @ cell for cover, cell in zip(covers, self.cells(images))]))
+
+
+class GridCNN(CoveragePooled):
     """The same four conv blocks down to the tiny tower's 10x10 grid, one more 3x3
     conv there, mask-coverage pooling per object and a linear classifier."""
 
@@ -144,14 +160,11 @@ class GridCNN(torch.nn.Module):
         self.features = torch.nn.Sequential(*layers, *conv_block(WIDTHS[-1], WIDTHS[-1], False, norm))
         self.classify = torch.nn.Linear(WIDTHS[-1], classes)
 
-    def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
-        """(B, 3, S, S) images and per image (objects, cells) pooling weights ->
-        (all objects, classes) logits."""
-        cells = self.features(images).flatten(2).transpose(1, 2)  # (B, cells, C)
-        return self.classify(torch.cat([cover @ cell for cover, cell in zip(covers, cells)]))
+    def cells(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images).flatten(2).transpose(1, 2)
 
 
-class StemGrid(torch.nn.Module):
+class StemGrid(CoveragePooled):
     """The tiny tower's CNN patch stem, with ``position`` its learned position
     embedding (initialised as the tower's), and the LayerNorm after it (the tower's
     pre-LayerNorm), mask-coverage pooling per object and a linear classifier."""
@@ -167,12 +180,9 @@ class StemGrid(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(vision.hidden_size)
         self.classify = torch.nn.Linear(vision.hidden_size, classes)
 
-    def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
-        cells = self.features(images).flatten(2).transpose(1, 2)  # (B, cells, C)
-        if self.position is not None:
-            cells = cells + self.position
-        cells = self.norm(cells)
-        return self.classify(torch.cat([cover @ cell for cover, cell in zip(covers, cells)]))
+    def cells(self, images: torch.Tensor) -> torch.Tensor:
+        cells = self.features(images).flatten(2).transpose(1, 2)
+        return self.norm(cells if self.position is None else cells + self.position)
 
 
 def grid_inputs(scenes) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -214,7 +224,7 @@ def fit(model: torch.nn.Module, epochs: int, steps_per_epoch: int, batches, seed
 
 
 def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int, norm: str,
-                   variant: str = "grid") -> GridCNN | StemGrid:
+                   variant: str = "grid") -> CoveragePooled:
     """The grid CNN, or for ``stem`` / ``stem_position`` the tower's patch stem in its place."""
     images, covers, kinds = inputs
     torch.manual_seed(seed)
@@ -240,7 +250,7 @@ def scored(truth: torch.Tensor, predicted: torch.Tensor) -> tuple[float, np.ndar
 
 
 @torch.no_grad()
-def grid_accuracy(model: GridCNN | StemGrid, inputs) -> tuple[float, np.ndarray]:
+def grid_accuracy(model: CoveragePooled, inputs) -> tuple[float, np.ndarray]:
     images, covers, kinds = inputs
     predicted = torch.cat([model(images[s:s + 64].float(), covers[s:s + 64]).argmax(-1)
                            for s in range(0, len(images), 64)])
@@ -313,7 +323,7 @@ def main(argv=None) -> None:
     results, counts = {}, {}
     for variant in variants:
         t0 = time.perf_counter()
-        if variant in ("grid", "stem", "stem_position"):
+        if variant in GRID_VARIANTS:
             inputs = grid_inputs(train_scenes)
             model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed, args.norm, variant)
             measure = grid_accuracy
