@@ -1,8 +1,9 @@
 """How well can an object's kind be told from its pixels alone, per renderer?
 
     .venv/bin/python benchmarks/kind_ceiling.py [--train-scenes 3000] [--test-scenes 300]
-        [--variants full,half,masked,grid,stem,stem_position] [--epochs 10] [--norm batch|group]
-        [--json out/kind_ceiling.json] [--plot out/kind_ceiling.png]
+        [--variants full,half,masked,grid,stem,stem_position,colour_stem_position] [--epochs 10] [--norm batch|group]
+        [--schedule one-cycle|stage] [--max-grad-norm N] [--weight-decay W] [--colour-weight W]
+        [--loss-weight W] [--json out/kind_ceiling.json] [--plot out/kind_ceiling.png]
 
 `kind_probe.py` reads the kind from the vision tower's mask-pooled patch features
 and finds it mostly missing for 3D solids. This asks the question without the
@@ -39,10 +40,25 @@ Variants, each its own CNN from the same seed:
   the stem and the LayerNorm, initialised as the tower's (``sincos_2d``, larger
   than the stem's output at the start): does the position signal the tower adds
   drown the shape?
+- ``colour_stem_position``: ``stem_position`` with the tower's ``cnn_colour`` stem
+  (``CNNColourStem``: the CNN stem plus each patch's mean colour through a linear
+  map): with ``--colour-weight 1``, does colour handed to the tokens directly leave the
+  CNN the shape?
 
 ``--norm group`` builds every CNN with GroupNorm (8 groups) where it has
 BatchNorm, as the tower's ``CNNStem`` does (so that a frozen tower stays the same
 function in train mode): does the tower's normalisation lose the shape?
+
+The recipe (AdamW at 2e-3, weight decay 1e-4, one-cycle lr with its momentum
+cycling, no gradient clipping, the kind loss alone) can be moved toward the vision
+stage's one setting at a time, to find what keeps the stage from the kinds this
+script's models read: ``--schedule stage`` (the stage's lr schedule, a linear
+warm-up from 0 over the first tenth and a cosine to 0, AdamW's fixed betas),
+``--max-grad-norm 1.0`` (the stage clips), ``--weight-decay 0`` (the stage's),
+``--colour-weight 1`` (grid variants: each object's colour from the same pooled
+features through a second linear head, its loss added with this weight, as the
+stage's object term adds it at 1) and ``--loss-weight 4`` (the stage's ``object_weight``; it changes a step only
+through clipping, since Adam's steps do not depend on the loss's scale).
 
 Chance is 1/6. Runs on the CPU; no model is read or changed.
 """
@@ -50,23 +66,27 @@ Chance is 1/6. Runs on the CPU; no model is read or changed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from common import RENDERERS, draw_scene, plot_heatmaps, run_info, write_json
 from nextchat_training.batches import object_patch_targets
+from nextchat_training.train import StageConfig, lr_lambda
 from tqdm import tqdm
 
 from nextchat_ros.model.config import get_preset
 from nextchat_ros.model.vision import preprocess_image
 from nextchat_ros.synthetic.samples import RENDERERS as RENDER_FUNCTIONS
 from nextchat_ros.synthetic.samples import SPLIT_SEED
-from nextchat_ros.synthetic.scenes import KINDS
+from nextchat_ros.synthetic.scenes import COLORS, KINDS
 
-VARIANTS = ("full", "half", "masked", "grid", "stem", "stem_position")
-GRID_VARIANTS = ("grid", "stem", "stem_position")  # the whole image pooled over the 10x10 grid, not crops
+VARIANTS = ("full", "half", "masked", "grid", "stem", "stem_position", "colour_stem_position")
+# The whole image pooled over the 10x10 grid, not crops.
+GRID_VARIANTS = ("grid", "stem", "stem_position", "colour_stem_position")
 CROP = 40
 SEED_OFFSET = 3_200_000_000  # held-out seeds no other benchmark draws
 GREY = 0.5
@@ -138,84 +158,118 @@ class CropCNN(torch.nn.Sequential):
 class CoveragePooled(torch.nn.Module):
     """Features on the tiny tower's 10x10 grid (``cells``, each subclass its own),
     pooled per object by mask coverage as the vision stage pools the tower's
-    patches, and a linear classifier (``classify``)."""
+    patches, and a linear kind classifier (``classify``); with ``colour`` also a
+    linear colour classifier on the same pooled features (``--colour-weight``)."""
+
+    def __init__(self, width: int, classes: int, colour: bool):
+        super().__init__()
+        self.classify = torch.nn.Linear(width, classes)
+        self.colour = torch.nn.Linear(width, len(COLORS)) if colour else None
 
     def cells(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images -> (B, cells, C) features."""
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
+    def pooled(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
         """(B, 3, S, S) images and per image (objects, cells) pooling weights ->
-        (all objects, classes) logits."""
-        return self.classify(torch.cat([cover @ cell for cover, cell in zip(covers, self.cells(images))]))
+        (all objects, C) features."""
+        return torch.cat([cover @ cell for cover, cell in zip(covers, self.cells(images))])
+
+    def forward(self, images: torch.Tensor, covers: list[torch.Tensor]) -> torch.Tensor:
+        """-> (all objects, classes) kind logits."""
+        return self.classify(self.pooled(images, covers))
 
 
 class GridCNN(CoveragePooled):
     """The same four conv blocks down to the tiny tower's 10x10 grid, one more 3x3
     conv there, mask-coverage pooling per object and a linear classifier."""
 
-    def __init__(self, classes: int, norm: str):
-        super().__init__()
+    def __init__(self, classes: int, norm: str, colour: bool = False):
+        super().__init__(WIDTHS[-1], classes, colour)
         layers = [layer for k in range(4) for layer in conv_block(WIDTHS[k], WIDTHS[k + 1], True, norm)]
         self.features = torch.nn.Sequential(*layers, *conv_block(WIDTHS[-1], WIDTHS[-1], False, norm))
-        self.classify = torch.nn.Linear(WIDTHS[-1], classes)
 
     def cells(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images).flatten(2).transpose(1, 2)
 
 
 class StemGrid(CoveragePooled):
-    """The tiny tower's CNN patch stem, with ``position`` its learned position
+    """The tiny tower's CNN patch stem (``stem``: a ``VisionConfig.patch_stem``), with ``position`` its learned position
     embedding (initialised as the tower's), and the LayerNorm after it (the tower's
     pre-LayerNorm), mask-coverage pooling per object and a linear classifier."""
 
-    def __init__(self, classes: int, position: bool = False):
-        from nextchat_ros.model.vision import CNNStem, sincos_2d
+    def __init__(self, classes: int, position: bool = False, colour: bool = False, stem: str = "cnn"):
+        from nextchat_ros.model.vision import PATCH_STEMS, sincos_2d
 
-        super().__init__()
         vision = get_preset("tiny").vision
-        self.features = CNNStem(vision.patch_size, vision.hidden_size)
+        super().__init__(vision.hidden_size, classes, colour)
+        self.features = PATCH_STEMS[stem](vision.patch_size, vision.hidden_size)
         grid = vision.image_size // vision.patch_size
         self.position = torch.nn.Parameter(sincos_2d(grid, vision.hidden_size)) if position else None
         self.norm = torch.nn.LayerNorm(vision.hidden_size)
-        self.classify = torch.nn.Linear(vision.hidden_size, classes)
 
     def cells(self, images: torch.Tensor) -> torch.Tensor:
         cells = self.features(images).flatten(2).transpose(1, 2)
         return self.norm(cells if self.position is None else cells + self.position)
 
 
-def grid_inputs(scenes) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+def grid_inputs(scenes) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Tower-preprocessed images (fp16, to keep thousands in memory), each image's
-    objects' coverage weights (normalised to sum to 1) and kind labels."""
+    objects' coverage weights (normalised to sum to 1), kind labels and colour
+    labels."""
     config = get_preset("tiny")
-    images, covers, kinds = [], [], []
+    images, covers, kinds, colours = [], [], [], []
     for scene in scenes:
-        cover, _, kind = object_patch_targets(scene, config)
+        cover, colour, kind = object_patch_targets(scene, config)
         keep = cover.sum(1) > 0
         images.append(preprocess_image(torch.from_numpy(scene.image.copy()), config.vision).half())
         covers.append(cover[keep] / cover[keep].sum(1, keepdim=True))
-        kinds.append(kind[keep] - 1)  # object_patch_targets counts kinds from 1
+        kinds.append(kind[keep] - 1)  # object_patch_targets counts kinds and colours from 1
+        colours.append(colour[keep] - 1)
     if tuple(cover.shape[1:]) != (100,):
         raise RuntimeError(f"the tiny tower's grid changed: {cover.shape[1]} cells, the CNN makes 100")
-    return torch.stack(images), covers, kinds
+    return torch.stack(images), covers, kinds, colours
 
 
-def fit(model: torch.nn.Module, epochs: int, steps_per_epoch: int, batches, seed: int, desc: str) -> torch.nn.Module:
-    """Train ``model`` with AdamW under one-cycle lr; ``batches(generator)`` yields
-    one epoch's (logits, labels) pairs in a seeded random order, each computed when
-    it is asked for."""
+@dataclass(frozen=True)
+class Recipe:
+    """How :func:`fit` trains. The defaults are this script's own; the vision stage's
+    pilots train with ``Recipe("stage", 1.0, 0.0, 1.0, 4.0)`` (see the module's
+    docstring)."""
+
+    schedule: str = "one-cycle"  # or "stage": the vision stage's warm-up and cosine, fixed betas
+    max_grad_norm: float | None = None  # clip the gradient's norm to this (None: no clipping)
+    weight_decay: float = 1e-4
+    colour_weight: float = 0.0  # grid variants: each object's colour loss from the same pooled features, weighed
+    loss_weight: float = 1.0  # the loss is multiplied by this
+
+
+SCHEDULES = ("one-cycle", "stage")
+LR = 2e-3
+
+
+def fit(model: torch.nn.Module, epochs: int, steps_per_epoch: int, batches, seed: int, desc: str,
+        recipe: Recipe = Recipe()) -> torch.nn.Module:
+    """Train ``model`` with AdamW as ``recipe`` says; ``batches(generator)`` yields
+    one epoch's losses in a seeded random order, each computed when it is asked
+    for."""
     steps = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=recipe.weight_decay)
+    if recipe.schedule == "stage":  # the stage's own schedule function, as its pilots set it
+        schedule = lr_lambda(StageConfig("kind_ceiling", kind="vision", steps=steps, lr=LR, min_lr_ratio=0.0,
+                                         warmup_ratio=0.1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    else:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     with tqdm(total=steps, desc=desc, unit="step") as bar:
         for _ in range(epochs):
-            for logits, labels in batches(generator):
-                loss = F.cross_entropy(logits, labels)
+            for loss in batches(generator):
                 optimizer.zero_grad()
-                loss.backward()
+                (recipe.loss_weight * loss).backward()
+                if recipe.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -224,22 +278,30 @@ def fit(model: torch.nn.Module, epochs: int, steps_per_epoch: int, batches, seed
 
 
 def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int, norm: str,
-                   variant: str = "grid") -> CoveragePooled:
-    """The grid CNN, or for ``stem`` / ``stem_position`` the tower's patch stem in its place."""
-    images, covers, kinds = inputs
+                   variant: str = "grid", recipe: Recipe = Recipe()) -> CoveragePooled:
+    """The grid CNN, or for the ``stem`` variants the tower's patch stem in its place."""
+    images, covers, kinds, colours = inputs
     torch.manual_seed(seed)
-    stem = variant.startswith("stem")
-    model = StemGrid(len(KINDS), variant == "stem_position") if stem else GridCNN(len(KINDS), norm)
+    stem = variant != "grid"
+    colour = recipe.colour_weight > 0
+    model = StemGrid(len(KINDS), variant.endswith("position"), colour,
+                     "cnn_colour" if variant.startswith("colour") else "cnn") if stem else \
+        GridCNN(len(KINDS), norm, colour)
     batch_size = max(1, batch_size // 4)  # scenes of ~3.5 objects each
 
     def batches(generator):
         order = torch.randperm(len(images), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            yield model(images[index].float(), [covers[i] for i in index]), torch.cat([kinds[i] for i in index])
+            pooled = model.pooled(images[index].float(), [covers[i] for i in index])
+            loss = F.cross_entropy(model.classify(pooled), torch.cat([kinds[i] for i in index]))
+            if model.colour is not None:  # as the stage's object term: colour and kind, summed
+                loss = loss + recipe.colour_weight * F.cross_entropy(model.colour(pooled),
+                                                                     torch.cat([colours[i] for i in index]))
+            yield loss
 
     return fit(model, epochs, (len(images) + batch_size - 1) // batch_size, batches, seed,
-               "tower stem" if stem else "grid CNN")
+               "tower stem" if stem else "grid CNN", recipe)
 
 
 def scored(truth: torch.Tensor, predicted: torch.Tensor) -> tuple[float, np.ndarray]:
@@ -251,14 +313,14 @@ def scored(truth: torch.Tensor, predicted: torch.Tensor) -> tuple[float, np.ndar
 
 @torch.no_grad()
 def grid_accuracy(model: CoveragePooled, inputs) -> tuple[float, np.ndarray]:
-    images, covers, kinds = inputs
+    images, covers, kinds, _ = inputs
     predicted = torch.cat([model(images[s:s + 64].float(), covers[s:s + 64]).argmax(-1)
                            for s in range(0, len(images), 64)])
     return scored(torch.cat(kinds), predicted)
 
 
 def train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int, norm: str,
-              desc: str) -> CropCNN:
+              desc: str, recipe: Recipe = Recipe()) -> CropCNN:
     torch.manual_seed(seed)
     model = CropCNN(len(KINDS), norm)
 
@@ -269,9 +331,9 @@ def train_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, se
             batch = x[index]
             flip = torch.rand(len(batch), generator=generator) < 0.5  # a kind is the same mirrored
             batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-            yield model(batch), y[index]
+            yield F.cross_entropy(model(batch), y[index])
 
-    return fit(model, epochs, (len(x) + batch_size - 1) // batch_size, batches, seed, desc)
+    return fit(model, epochs, (len(x) + batch_size - 1) // batch_size, batches, seed, desc, recipe)
 
 
 @torch.no_grad()
@@ -305,6 +367,18 @@ def main(argv=None) -> None:
     parser.add_argument("--norm", choices=NORMS, default="batch",
                         help="the CNNs' normalisation: batch (default), or group (GroupNorm, 8 groups), "
                              "as the tower's CNNStem has")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="one-cycle",
+                        help="the lr schedule: one-cycle (default; with its momentum cycling), or stage (the "
+                             "vision stage's: linear warm-up over a tenth, cosine to 0, AdamW's fixed betas)")
+    parser.add_argument("--max-grad-norm", type=float, default=None,
+                        help="clip the gradient's norm to this, as the stage does at 1.0 (default: no clipping)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's (default 1e-4; the stage's: 0)")
+    parser.add_argument("--colour-weight", type=float, default=0.0,
+                        help="grid variants: add each object's colour loss from the same pooled features with "
+                             "this weight, as the stage's object term does at 1 (default 0: none)")
+    parser.add_argument("--loss-weight", type=float, default=1.0,
+                        help="multiply the loss by this (the stage's object_weight is 4; it matters only "
+                             "with clipping)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--plot", default=None, help="also draw each variant's confusion matrices to this PNG")
     args = parser.parse_args(argv)
@@ -314,6 +388,13 @@ def main(argv=None) -> None:
         parser.error(f"unknown --variants {unknown}; use some of {', '.join(VARIANTS)}")
     if args.train_scenes < 1 or args.test_scenes < 1 or args.epochs < 1:
         parser.error("--train-scenes, --test-scenes and --epochs must be at least 1")
+    if args.colour_weight and set(variants) - set(GRID_VARIANTS):
+        parser.error(f"--colour-weight applies to the grid variants only ({', '.join(GRID_VARIANTS)})")
+    if (args.max_grad_norm is not None and not args.max_grad_norm > 0) or not args.weight_decay >= 0 \
+            or not args.loss_weight > 0 or not args.colour_weight >= 0:
+        parser.error("--max-grad-norm and --loss-weight must be above 0, --weight-decay and --colour-weight "
+                     "at least 0")
+    recipe = Recipe(args.schedule, args.max_grad_norm, args.weight_decay, args.colour_weight, args.loss_weight)
 
     render_solids = RENDER_FUNCTIONS["solids"]
     train_scenes = [render_solids(SPLIT_SEED["train"] + k, height=240, width=320)
@@ -325,12 +406,13 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         if variant in GRID_VARIANTS:
             inputs = grid_inputs(train_scenes)
-            model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed, args.norm, variant)
+            model = train_grid_cnn(inputs, args.epochs, args.batch_size, args.seed, args.norm, variant, recipe)
             measure = grid_accuracy
             test_inputs = {r: grid_inputs(test_scenes[r]) for r in RENDERERS}
         else:
             inputs = crops_of(train_scenes, variant)
-            model = train_cnn(*inputs, args.epochs, args.batch_size, args.seed, args.norm, f"{variant} crops")
+            model = train_cnn(*inputs, args.epochs, args.batch_size, args.seed, args.norm, f"{variant} crops",
+                              recipe)
             measure = lambda model, inputs: accuracy(model, *inputs)  # noqa: E731
             test_inputs = {r: crops_of(test_scenes[r], variant) for r in RENDERERS}
         train_accuracy, train_confusion = measure(model, inputs)
@@ -345,7 +427,8 @@ def main(argv=None) -> None:
               f"  ({results[variant]['train_s']:.0f} s)")
     print(f"objects: {counts}; kinds in confusion order: {list(KINDS)}")
     write_json(args.json, {**run_info(torch.device("cpu"), "none", "fp32"), "objects": counts,
-                           "epochs": args.epochs, "norm": args.norm, "crop": CROP, "results": results})
+                           "epochs": args.epochs, "norm": args.norm, "recipe": dataclasses.asdict(recipe), "crop": CROP,
+                           "results": results})
     if args.plot:
         plot(args.plot, results)
 
