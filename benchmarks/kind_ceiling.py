@@ -1,7 +1,7 @@
 """How well can an object's kind be told from its pixels alone, per renderer?
 
     .venv/bin/python benchmarks/kind_ceiling.py [--train-scenes 3000] [--test-scenes 300]
-        [--variants full,half,masked,grid,stem,stem_position,colour_stem_position] [--epochs 10] [--norm batch|group]
+        [--variants full,half,masked,grid,stem,stem_position] [--epochs 10] [--norm batch|group]
         [--schedule one-cycle|stage] [--max-grad-norm N] [--weight-decay W] [--colour-weight W]
         [--loss-weight W] [--json out/kind_ceiling.json] [--plot out/kind_ceiling.png]
 
@@ -40,10 +40,6 @@ Variants, each its own CNN from the same seed:
   the stem and the LayerNorm, initialised as the tower's (``sincos_2d``, larger
   than the stem's output at the start): does the position signal the tower adds
   drown the shape?
-- ``colour_stem_position``: ``stem_position`` with the tower's ``cnn_colour`` stem
-  (``CNNColourStem``: the CNN stem plus each patch's mean colour through a linear
-  map): with ``--colour-weight 1``, does colour handed to the tokens directly leave the
-  CNN the shape?
 
 ``--norm group`` builds every CNN with GroupNorm (8 groups) where it has
 BatchNorm, as the tower's ``CNNStem`` does (so that a frozen tower stays the same
@@ -84,9 +80,9 @@ from nextchat_ros.synthetic.samples import RENDERERS as RENDER_FUNCTIONS
 from nextchat_ros.synthetic.samples import SPLIT_SEED
 from nextchat_ros.synthetic.scenes import COLORS, KINDS
 
-VARIANTS = ("full", "half", "masked", "grid", "stem", "stem_position", "colour_stem_position")
+VARIANTS = ("full", "half", "masked", "grid", "stem", "stem_position")
 # The whole image pooled over the 10x10 grid, not crops.
-GRID_VARIANTS = ("grid", "stem", "stem_position", "colour_stem_position")
+GRID_VARIANTS = ("grid", "stem", "stem_position")
 CROP = 40
 SEED_OFFSET = 3_200_000_000  # held-out seeds no other benchmark draws
 GREY = 0.5
@@ -194,16 +190,16 @@ class GridCNN(CoveragePooled):
 
 
 class StemGrid(CoveragePooled):
-    """The tiny tower's CNN patch stem (``stem``: a ``VisionConfig.patch_stem``), with ``position`` its learned position
+    """The tiny tower's CNN patch stem, with ``position`` its learned position
     embedding (initialised as the tower's), and the LayerNorm after it (the tower's
     pre-LayerNorm), mask-coverage pooling per object and a linear classifier."""
 
-    def __init__(self, classes: int, position: bool = False, colour: bool = False, stem: str = "cnn"):
-        from nextchat_ros.model.vision import PATCH_STEMS, sincos_2d
+    def __init__(self, classes: int, position: bool = False, colour: bool = False):
+        from nextchat_ros.model.vision import CNNStem, sincos_2d
 
         vision = get_preset("tiny").vision
         super().__init__(vision.hidden_size, classes, colour)
-        self.features = PATCH_STEMS[stem](vision.patch_size, vision.hidden_size)
+        self.features = CNNStem(vision.patch_size, vision.hidden_size)
         grid = vision.image_size // vision.patch_size
         self.position = torch.nn.Parameter(sincos_2d(grid, vision.hidden_size)) if position else None
         self.norm = torch.nn.LayerNorm(vision.hidden_size)
@@ -284,8 +280,7 @@ def train_grid_cnn(inputs, epochs: int, batch_size: int, seed: int, norm: str,
     torch.manual_seed(seed)
     stem = variant != "grid"
     colour = recipe.colour_weight > 0
-    model = StemGrid(len(KINDS), variant.endswith("position"), colour,
-                     "cnn_colour" if variant.startswith("colour") else "cnn") if stem else \
+    model = StemGrid(len(KINDS), variant == "stem_position", colour) if stem else \
         GridCNN(len(KINDS), norm, colour)
     batch_size = max(1, batch_size // 4)  # scenes of ~3.5 objects each
 

@@ -298,30 +298,8 @@ def test_the_cnn_patch_stem_makes_the_towers_grid_and_is_one_function_in_train_a
         torch.testing.assert_close(tower.eval()(pixels), tower.train()(pixels))
     with pytest.raises(ValueError, match="power-of-two patch size, not 12"):
         CNNStem(12, 128)
-    with pytest.raises(ValueError, match="unknown patch_stem 'resnet'; use 'linear', 'conv', 'cnn', 'cnn_colour'"):
+    with pytest.raises(ValueError, match="unknown patch_stem 'resnet'; use 'linear', 'conv' or 'cnn'"):
         VisionTower(get_preset("tiny").with_changes({"vision": {"patch_stem": "resnet"}}).vision)
-
-
-def test_the_cnn_colour_stem_adds_each_patchs_mean_colour_to_the_cnns_tokens():
-    """patch_stem 'cnn_colour': each token is the CNN stem's plus a linear map of its
-    patch's mean colour, both paths learn, and the tower is one function in train
-    and eval mode, as with 'cnn'."""
-    from nextchat_ros.model.vision import CNNColourStem, VisionTower
-
-    config = get_preset("tiny").with_changes({"vision": {"patch_stem": "cnn_colour"}}).vision
-    torch.manual_seed(0)
-    tower = VisionTower(config)
-    stem = tower.clip.embeddings.patch_embedding
-    assert isinstance(stem, CNNColourStem)
-    pixels = torch.randn(2, 3, config.image_size, config.image_size)
-    features = tower.train()(pixels)
-    assert features.shape == (2, 100, config.hidden_size)
-    features.square().mean().backward()
-    assert stem.cnn[0].weight.grad.abs().sum() > 0 and stem.colour.weight.grad.abs().sum() > 0
-    with torch.no_grad():
-        torch.testing.assert_close(tower.eval()(pixels), tower.train()(pixels))
-        torch.testing.assert_close(stem(pixels) - stem.cnn(pixels), stem.colour(
-            pixels.unflatten(2, (10, 16)).unflatten(4, (10, 16)).mean((3, 5))))
 
 
 def test_masks_of_all_objects_decoded_in_one_call_equal_one_object_at_a_time(tiny_model):

@@ -48,9 +48,8 @@ class VisionConfig:
     # Features are taken from this hidden-state index (LLaVA: -2), CLS dropped.
     select_layer: int = -2
     # How patches become tokens: "linear" (CLIP's one strided convolution),
-    # "conv" (a stack of 3x3 stride-2 convolutions, vision.ConvStem), "cnn"
-    # (normalised conv blocks with max-pooling, vision.CNNStem) or "cnn_colour"
-    # (CNNStem plus each patch's mean colour, vision.CNNColourStem).
+    # "conv" (a stack of 3x3 stride-2 convolutions, vision.ConvStem) or "cnn"
+    # (normalised conv blocks with max-pooling, vision.CNNStem).
     patch_stem: str = "linear"
     # Images are padded to a square (centred) with this RGB fill before resizing.
     pad_fill: tuple[int, int, int] = (255, 255, 255)

@@ -128,33 +128,7 @@ class CNNStem(PatchStem):
         super().__init__(*layers)
 
 
-class CNNColourStem(nn.Module):
-    """:class:`CNNStem` with each patch's mean colour added to its token through a
-    linear map (tiny preset pilots only).
-
-    Why: taught each object's colour and kind from the same pooled tokens, the CNN
-    stem reads the kinds of 3D solids far worse than when it is taught kind alone
-    (benchmarks/kind_ceiling.py --colour-weight 1, training/EXPERIMENTS.md): its
-    features go to colour. A patch's colour needs no convolution; handed it
-    directly, the CNN is left the shape.
-    """
-
-    def __init__(self, patch_size: int, hidden_size: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.cnn = CNNStem(patch_size, hidden_size)
-        self.colour = nn.Conv2d(3, hidden_size, 1)
-
-    @property
-    def weight(self) -> torch.Tensor:  # CLIP's embeddings read the patch embedding's dtype from here
-        return self.cnn.weight
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.cnn(pixels) + self.colour(F.avg_pool2d(pixels, self.patch_size))
-
-
-# VisionConfig.patch_stem; "linear" keeps CLIP's own
-PATCH_STEMS = {"conv": ConvStem, "cnn": CNNStem, "cnn_colour": CNNColourStem}
+PATCH_STEMS = {"conv": ConvStem, "cnn": CNNStem}  # VisionConfig.patch_stem; "linear" keeps CLIP's own
 
 
 class VisionTower(nn.Module):
@@ -166,8 +140,7 @@ class VisionTower(nn.Module):
             stem = PATCH_STEMS[config.patch_stem]
             self.clip.embeddings.patch_embedding = stem(config.patch_size, config.hidden_size)
         elif config.patch_stem != "linear":
-            raise ValueError(f"unknown patch_stem '{config.patch_stem}'; use 'linear', "
-                             + ", ".join(f"'{name}'" for name in PATCH_STEMS))
+            raise ValueError(f"unknown patch_stem '{config.patch_stem}'; use 'linear', 'conv' or 'cnn'")
 
     @staticmethod
     def clip_config(config: VisionConfig) -> CLIPVisionConfig:
