@@ -278,7 +278,8 @@ def test_a_training_config_changes_its_presets_model_and_the_change_is_saved(tmp
 
 def test_the_vision_stage_weights_its_per_patch_and_object_terms_as_its_keys_say():
     """patch_weight scales the per-patch colour, kind and box terms together; at 0 the
-    tower learns from the object term alone and the per-patch heads get no gradient."""
+    tower learns from the object term alone and the per-patch heads get no gradient;
+    object_colour_weight scales the object term's colour half."""
     from nextchat_training.train import VisionHeads, VisionItems, vision_stage_loss
 
     from nextchat_ros.synthetic.samples import SyntheticTabletop
@@ -300,3 +301,15 @@ def test_the_vision_stage_weights_its_per_patch_and_object_terms_as_its_keys_say
     assert all(float(p.grad.abs().max()) == 0 for p in heads.box.parameters())
     assert float(heads.kind.weight.grad.abs().max()) > 0  # the object term reads the kind head
     assert any(float(p.grad.abs().max()) > 0 for p in model.vision_tower.parameters() if p.grad is not None)
+
+    # object_colour_weight scales the colour half of the object term alone: the object
+    # term is linear in it, and at 0 (with no per-patch terms) the colour head is not taught.
+    heads.zero_grad()
+    kind_only = vision_stage_loss(model, heads, batch, patch_weight=0.0, object_colour_weight=0.0)
+    quarter = vision_stage_loss(model, heads, batch, object_colour_weight=0.25)
+    colour = plain["object"] - kind_only["object"]
+    assert colour.item() > 0 and kind_only["object"].item() > 0
+    torch.testing.assert_close(quarter["object"], kind_only["object"] + 0.25 * colour)
+    torch.testing.assert_close(quarter["loss"], plain["patch"] + quarter["object"])
+    kind_only["loss"].backward()
+    assert float(heads.color.weight.grad.abs().max()) == 0 and float(heads.kind.weight.grad.abs().max()) > 0

@@ -98,6 +98,10 @@ class StageConfig:
     # Vision stage: weight of each object's colour and kind from its pooled patches
     # against the per-patch colour, kind and box terms (vision_stage_loss).
     object_weight: float = 1.0
+    # Vision stage: weight of the colour against the kind inside the object term (below 1
+    # leaves the tower more of its width for shape: benchmarks/kind_ceiling.py
+    # --colour-weight, training/EXPERIMENTS.md).
+    object_colour_weight: float = 1.0
     # Vision stage: weight of the per-patch kind term (0 leaves kind to the object term).
     patch_kind_weight: float = 1.0
     # Vision stage: weight of all the per-patch terms, colour, kind and box (0 teaches
@@ -142,7 +146,7 @@ class StageConfig:
             raise ValueError(f"{path}: unknown modules in 'trainable': {bad}; known: {MODULES}")
         if stage.kind not in ("lm", "sam", "vision"):
             raise ValueError(f"{path}: kind must be 'lm', 'sam' or 'vision'")
-        for key in ("object_weight", "patch_kind_weight", "patch_weight"):
+        for key in ("object_weight", "object_colour_weight", "patch_kind_weight", "patch_weight"):
             if not getattr(stage, key) >= 0:
                 raise ValueError(f"{path}: {key} must be >= 0")
             if getattr(stage, key) != 1.0 and stage.kind != "vision":
@@ -343,7 +347,8 @@ class VisionHeads(torch.nn.Module):
 
 
 def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items, object_weight: float = 1.0,
-                      patch_kind_weight: float = 1.0, patch_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                      patch_kind_weight: float = 1.0, patch_weight: float = 1.0,
+                      object_colour_weight: float = 1.0) -> dict[str, torch.Tensor]:
     batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0] if k != "objects"}
     features = model.vision_tower(batch["pixels"])  # (B, g*g, C)
     ce = torch.nn.functional.cross_entropy
@@ -365,7 +370,7 @@ def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items, object_we
     objects = features.new_zeros(())
     if pooled:
         pooled = torch.cat(pooled)
-        objects = ce(heads.color(pooled), torch.cat(colors).to(model.device)) + \
+        objects = object_colour_weight * ce(heads.color(pooled), torch.cat(colors).to(model.device)) + \
             ce(heads.kind(pooled), torch.cat(kinds).to(model.device))
     return {"loss": patch_weight * patch + object_weight * objects, "patch": patch, "object": objects}
 
@@ -485,7 +490,8 @@ def vision_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabl
     heads = VisionHeads(model.config.vision.hidden_size).to(model.device)
     return StageParts(VisionItems(stream, model.config), list_of_items,
                       lambda items: vision_stage_loss(model, heads, items, stage.object_weight,
-                                                      stage.patch_kind_weight, stage.patch_weight), heads,
+                                                      stage.patch_kind_weight, stage.patch_weight,
+                                                      stage.object_colour_weight), heads,
                       params + list(heads.parameters()))
 
 
