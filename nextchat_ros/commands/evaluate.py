@@ -20,9 +20,10 @@ The default mix (REC 3 : POPE 2 : region captions 2 : each other task 1) gives
 each task a share of --num-samples; --task asks every sample of one task, for a
 figure on that many questions of its own.
 
---dataset picks the drawings: tabletop (the 2D painter) and solids (3D solids
-splatted through a perspective camera) are the two the shipped model is trained
-on, so their held-out seeds are new scenes of seen drawings; raycast draws the
+--dataset picks the drawings: tabletop (the 2D painter; the shipped model is
+trained on it alone) and solids (3D solids splatted through a perspective camera)
+are the training renderers, so their held-out seeds are new scenes of drawings a
+run may have seen (solids only where its config mixes them in); raycast draws the
 same kinds, colours and sizes with a ray caster (perspective, shaded solids, cast
 shadows, textures, camera effects) that shares no code with either and that no
 training run uses: held-out drawings, not only held-out seeds. Report both.
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--split", choices=["heldout", "test"], default="heldout")
     parser.add_argument("--dataset", choices=list(RENDERERS), default="tabletop",
-                        help="tabletop (default) or solids: renderers the model is trained on (new seeds); "
+                        help="tabletop (default) or solids: the training renderers (new seeds); "
                              "raycast: the held-out ray-cast renderer no training uses")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--task", choices=TASKS, help="every sample of this task (default: the mix of all tasks)")
