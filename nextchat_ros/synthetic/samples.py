@@ -33,6 +33,10 @@ SPLIT_SEED = {"train": 0, "heldout": 1_000_000_000, "test": 2_000_000_000}
 # SyntheticTabletop never draws the training split with it).
 RENDERERS = {"tabletop": render_scene, "solids": render_solids, "raycast": render_raycast}
 HELD_OUT_RENDERERS = ("raycast",)
+# The negatives of yes/no questions (POPE): any absent object, one of the popular
+# kinds, or a look-alike of a present object (its kind or its colour).
+POPE_STRATEGIES = ("random", "popular", "adversarial")
+POPULAR_KINDS = ("cube", "ball", "cup")
 REC_QUESTIONS = ["where is the {ref}?", "find the {ref}.", "point to the {ref}.", "locate the {ref}.",
                  "show me the {ref}.", "which object is the {ref}?"]
 
@@ -145,8 +149,8 @@ def _absent(scene: Scene, rng: np.random.Generator, strategy: str) -> tuple[str,
     if strategy == "adversarial":  # a present kind in another colour, or a present colour on another kind
         near = [(c, k) for c, k in pool if k in kinds_present or c in colors_present]
         pool = near or pool
-    elif strategy == "popular":  # the most frequent kinds of the data (cubes, balls, cups)
-        popular = [(c, k) for c, k in pool if k in ("cube", "ball", "cup")]
+    elif strategy == "popular":  # POPE's frequent objects; here a fixed set, see _pope_sample
+        popular = [(c, k) for c, k in pool if k in POPULAR_KINDS]
         pool = popular or pool
     return pool[int(rng.integers(len(pool)))]
 
@@ -202,14 +206,21 @@ def _count_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generato
 
 
 def _pope_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
+    # A "yes" asks what a "no" of the same strategy would: in POPE the popular
+    # objects are the dataset's most frequent, so they are asked about present as
+    # often as absent. Our scenes draw every kind equally often; were only the
+    # popular negatives to favour POPULAR_KINDS, the question alone would answer
+    # (a cube: more often "no") and a model that ignores the image would learn it.
+    strategy = POPE_STRATEGIES[int(rng.integers(len(POPE_STRATEGIES)))]
     if rng.random() < 0.5:
-        target = objs[int(rng.integers(len(objs)))]
+        popular = [o for o in objs if o.kind in POPULAR_KINDS] if strategy == "popular" else []
+        candidates = popular or objs
+        target = candidates[int(rng.integers(len(candidates)))]
         color, kind = target.color, target.kind
         matches = [o for o in objs if o.color == color and o.kind == kind]
         parts = [f"the {color} {kind} [{k}]" for k, _ in enumerate(matches)]
         return Sample("pope", f"is there a {color} {kind} in the image?", "yes, " + _join(parts) + ".",
                       answer_objects=matches, truth={"label": "yes", "strategy": "positive"})
-    strategy = ("random", "popular", "adversarial")[int(rng.integers(3))]
     color, kind = _absent(scene, rng, strategy)
     # A "no" grounds the look-alikes it was told apart from (the asked kind in
     # another colour, else the asked colour on another kind), so the decision is
