@@ -25,14 +25,9 @@ from common import RENDERERS, model_parser, write_json
 from tqdm import tqdm
 
 from nextchat_ros.commands.ground import predictor_from_args
+from nextchat_ros.scoring import said_yes
 from nextchat_ros.synthetic.evaluate import ask
-from nextchat_ros.synthetic.samples import SyntheticTabletop
-
-
-def asked(question: str) -> tuple[str, str]:
-    """The (colour, kind) of "is there a {colour} {kind} in the image?"."""
-    color, kind = question.removeprefix("is there a ").removesuffix(" in the image?").split(" ", 1)
-    return color, kind
+from nextchat_ros.synthetic.samples import SyntheticTabletop, pope_asked
 
 
 def rate(rows: list[dict], key) -> dict[str, dict]:
@@ -64,9 +59,9 @@ def main(argv=None) -> None:
         scene, sample = stream.item(index)
         predictor.set_image(scene.image)
         answer = ask(predictor, sample.question)
-        color, kind = asked(sample.question)
+        color, kind = pope_asked(sample.question)
         rows.append({"label": sample.truth["label"], "strategy": sample.truth["strategy"], "kind": kind,
-                     "said": "yes" if answer.text.strip().lower().startswith("yes") else "no",
+                     "said": "yes" if said_yes(answer.text) else "no",
                      "holds": ("kind" if any(o.kind == kind for o in scene.objects) else "no kind") + ", " +
                               ("colour" if any(o.color == color for o in scene.objects) else "no colour")})
     figures = {

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from nextchat_ros.images import pixels_to_normalized
-from nextchat_ros.synthetic.samples import POPE_STRATEGIES, TASKS, SyntheticTabletop, make_sample, referring_expressions
+from nextchat_ros.synthetic.samples import (
+    POPE_STRATEGIES,
+    TASKS,
+    SyntheticTabletop,
+    make_sample,
+    pope_asked,
+    referring_expressions,
+)
 from nextchat_ros.synthetic.scenes import COLORS, SIZES, render_scene
 
 
@@ -220,7 +227,7 @@ def test_a_no_grounds_the_look_alikes_it_was_told_apart_from():
         scene, sample = stream.item(i)
         if sample.truth["label"] != "no":
             continue
-        color, kind = sample.question.removeprefix("is there a ").removesuffix(" in the image?").split(" ", 1)
+        color, kind = pope_asked(sample.question)
         assert not any(o.color == color and o.kind == kind for o in scene.objects)
         same_kind = [o for o in scene.objects if o.kind == kind]
         expected = (same_kind or [o for o in scene.objects if o.color == color])[:3]
@@ -243,7 +250,7 @@ def test_the_question_alone_does_not_answer_a_yes_no_question():
     strategies = Counter()
     for i in range(1500):
         _, sample = stream.item(i)
-        color, kind = sample.question.removeprefix("is there a ").removesuffix(" in the image?").split(" ", 1)
+        color, kind = pope_asked(sample.question)
         by_kind[kind][sample.truth["label"]] += 1
         by_colour[color][sample.truth["label"]] += 1
         strategies[sample.truth["strategy"]] += 1

@@ -37,6 +37,7 @@ HELD_OUT_RENDERERS = ("raycast",)
 # kinds, or a look-alike of a present object (its kind or its colour).
 POPE_STRATEGIES = ("random", "popular", "adversarial")
 POPULAR_KINDS = ("cube", "ball", "cup")
+POPE_QUESTION = "is there a {color} {kind} in the image?"
 REC_QUESTIONS = ["where is the {ref}?", "find the {ref}.", "point to the {ref}.", "locate the {ref}.",
                  "show me the {ref}.", "which object is the {ref}?"]
 
@@ -219,7 +220,7 @@ def _pope_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator
         color, kind = target.color, target.kind
         matches = [o for o in objs if o.color == color and o.kind == kind]
         parts = [f"the {color} {kind} [{k}]" for k, _ in enumerate(matches)]
-        return Sample("pope", f"is there a {color} {kind} in the image?", "yes, " + _join(parts) + ".",
+        return Sample("pope", POPE_QUESTION.format(color=color, kind=kind), "yes, " + _join(parts) + ".",
                       answer_objects=matches, truth={"label": "yes", "strategy": "positive"})
     color, kind = _absent(scene, rng, strategy)
     # A "no" grounds the look-alikes it was told apart from (the asked kind in
@@ -228,8 +229,15 @@ def _pope_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator
     alike = ([o for o in objs if o.kind == kind] or [o for o in objs if o.color == color])[:3]
     answer = "no." if not alike else "no. there is " + _join(
         [f"the {o.color} {o.kind} [{k}]" for k, o in enumerate(alike)]) + "."
-    return Sample("pope", f"is there a {color} {kind} in the image?", answer, answer_objects=alike,
+    return Sample("pope", POPE_QUESTION.format(color=color, kind=kind), answer, answer_objects=alike,
                   truth={"label": "no", "strategy": strategy})
+
+
+def pope_asked(question: str) -> tuple[str, str]:
+    """The (colour, kind) a yes/no question of ``_pope_sample`` asks about."""
+    before, after = POPE_QUESTION.split("{color} {kind}")
+    color, kind = question.removeprefix(before).removesuffix(after).split(" ", 1)
+    return color, kind
 
 
 def _instruction_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
