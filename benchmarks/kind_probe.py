@@ -124,7 +124,7 @@ def load_stage_heads(checkpoint: Path, hidden: int):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not state.get("heads"):
         raise SystemExit(f"--stage-heads: {path} holds no heads; it is not a vision stage's checkpoint")
-    heads = VisionHeads(hidden)
+    heads = VisionHeads(hidden, existence=any(k.startswith("existence.") for k in state["heads"]))
     heads.load_state_dict(state["heads"])
     return heads.eval()
 

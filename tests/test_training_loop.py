@@ -276,6 +276,41 @@ def test_a_training_config_changes_its_presets_model_and_the_change_is_saved(tmp
         TrainConfig.load(write(f"init_checkpoint: {tmp_path}\nmodel: {{seed_text: 1}}\n"))
 
 
+def test_a_run_from_a_checkpoint_resets_the_modules_it_names_to_their_initialisation(tmp_path):
+    """init_reset: a trained tower kept, the LLM stages' modules as a run from the preset
+    has them before stage 1 (the pilots that train the LLM afresh over a shipped tower)."""
+    from nextchat_training.train import TrainConfig, initial_model
+
+    from nextchat_ros.model import save_pretrained
+
+    trained = build_model("tiny", seed=0)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(0.5)  # stands in for training: every weight moved
+    save_pretrained(trained, tmp_path / "trained")
+
+    def write(body: str) -> Path:
+        path = tmp_path / "run.yaml"
+        path.write_text(f"name: run\nout: {tmp_path / 'out'}\nstages: [{CONFIGS / 'tiny/stage1.yaml'}]\n{body}")
+        return path
+
+    reset = ["projector", "llm", "box_decoder"]
+    config = TrainConfig.load(write(f"init_checkpoint: {tmp_path / 'trained'}\ninit_reset: {reset}\nseed: 3\n"))
+    model, fresh = initial_model(config), build_model("tiny", seed=3)
+    for name in MODULES:
+        for key, value in model.get_submodule(name).state_dict().items():
+            expected = (fresh if name in reset else trained).get_submodule(name).state_dict()[key]
+            assert torch.equal(value, expected), f"{name}.{key}"
+
+    with pytest.raises(ValueError, match="init_reset resets modules of init_checkpoint; there is none"):
+        TrainConfig.load(write("init_reset: [llm]\n"))
+    with pytest.raises(ValueError, match=r"unknown modules in 'init_reset': \['lm'\]"):
+        TrainConfig.load(write(f"init_checkpoint: {tmp_path / 'trained'}\ninit_reset: [lm]\n"))
+    for pilot in ("tiny_shipped_tower_stage1.yaml", "tiny_solids_shipped_tower_stage1.yaml"):
+        assert set(TrainConfig.load(CONFIGS / pilot).init_reset) >= set(
+            StageConfig.load(CONFIGS / "tiny/stage1.yaml").trainable)
+
+
 def test_the_vision_stage_weights_its_per_patch_and_object_terms_as_its_keys_say():
     """patch_weight scales the per-patch colour, kind and box terms together; at 0 the
     tower learns from the object term alone and the per-patch heads get no gradient;
@@ -313,3 +348,52 @@ def test_the_vision_stage_weights_its_per_patch_and_object_terms_as_its_keys_say
     torch.testing.assert_close(quarter["loss"], plain["patch"] + quarter["object"])
     kind_only["loss"].backward()
     assert float(heads.color.weight.grad.abs().max()) == 0 and float(heads.kind.weight.grad.abs().max()) > 0
+
+
+def test_the_vision_stages_existence_term_asks_the_yes_no_pairs_and_teaches_the_tower():
+    """existence_weight adds "is there a {colour} {kind}?" over the patches (ExistenceHead)
+    for every pair the scene holds and one absent pair per yes/no strategy; its gradient
+    reaches the tower, and a few steps on a fixed batch lower it."""
+    from nextchat_training.train import COLOR_NAMES, KIND_NAMES, VisionHeads, VisionItems, vision_stage_loss
+
+    from nextchat_ros.synthetic.samples import POPE_STRATEGIES, SyntheticTabletop
+
+    model = build_model("tiny", seed=0)
+    stream = SyntheticTabletop("train", height=120, width=160)
+    items = VisionItems(stream, model.config, existence=True)
+    batch = [items[i] for i in range(4)]
+    for index, item in enumerate(batch):
+        scene, _ = stream.item(index)
+        held = {(o.color, o.kind) for o in scene.objects}
+        asked = [(COLOR_NAMES[c], KIND_NAMES[k], bool(p)) for c, k, p in item["asked"].tolist()]
+        assert {(c, k) for c, k, p in asked if p} == held  # every pair the scene holds, once
+        absent = [(c, k) for c, k, p in asked if not p]
+        assert len(absent) == len(POPE_STRATEGIES) and not set(absent) & held
+        assert asked == [(COLOR_NAMES[c], KIND_NAMES[k], bool(p)) for c, k, p in items[index]["asked"].tolist()]
+    assert "asked" not in VisionItems(stream, model.config)[0]
+    # without the term the heads are as before (old vision stages' checkpoints load)
+    assert not any(k.startswith("existence.") for k in VisionHeads(8).state_dict())
+
+    torch.manual_seed(0)
+    heads = VisionHeads(model.config.vision.hidden_size, existence=True)
+    plain = vision_stage_loss(model, heads, batch)
+    assert "existence" not in plain
+    both = vision_stage_loss(model, heads, batch, existence_weight=0.5)
+    torch.testing.assert_close(both["loss"], plain["loss"] + 0.5 * both["existence"])
+    alone = vision_stage_loss(model, heads, batch, object_weight=0.0, patch_weight=0.0, existence_weight=1.0)
+    alone["loss"].backward()
+    assert all(p.grad is None or float(p.grad.abs().max()) == 0 for p in heads.color.parameters())
+    assert float(heads.existence.key.weight.grad.abs().max()) > 0
+    assert any(float(p.grad.abs().max()) > 0 for p in model.vision_tower.parameters() if p.grad is not None)
+
+    params = list(model.vision_tower.parameters()) + list(heads.existence.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    first = None
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = vision_stage_loss(model, heads, batch, object_weight=0.0, patch_weight=0.0,
+                                 existence_weight=1.0)["existence"]
+        first = first if first is not None else loss.item()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first, (first, loss.item())

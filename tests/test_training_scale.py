@@ -120,7 +120,9 @@ def test_stage_configs_refuse_what_fsdp_and_lora_cannot_do(tmp_path):
              "kind: vision\npatch_weight: -1": "patch_weight must be >= 0",
              "kind: vision\nobject_colour_weight: -0.5": "object_colour_weight must be >= 0",
              "kind: lm\nobject_colour_weight: 0.25": "object_colour_weight weighs a term of a vision stage",
-             "kind: vision\npatch_weight: 0\nobject_weight: 0": "both 0",
+             "kind: vision\npatch_weight: 0\nobject_weight: 0": "all 0",
+             "kind: vision\nexistence_weight: -1": "existence_weight must be >= 0",
+             "kind: lm\nexistence_weight: 1": "existence_weight weighs a term of a vision stage",
              "max_grad_norm: 1.0e9": r"max_grad_norm must be a number, not '1.0e9' \(YAML read it as a string",
              "steps: 10.5": "steps must be an integer",
              "lr: true": "lr must be a number"}

@@ -142,7 +142,9 @@ def _caption(obj: SceneObject) -> str:
     return f"a {obj.size} {obj.color} {obj.kind}"
 
 
-def _absent(scene: Scene, rng: np.random.Generator, strategy: str) -> tuple[str, str]:
+def absent_pair(scene: Scene, rng: np.random.Generator, strategy: str) -> tuple[str, str]:
+    """A (colour, kind) no object of ``scene`` has, as a yes/no negative of ``strategy``
+    (POPE_STRATEGIES) asks about."""
     present = {(o.color, o.kind) for o in scene.objects}
     kinds_present = {o.kind for o in scene.objects}
     colors_present = {o.color for o in scene.objects}
@@ -154,6 +156,13 @@ def _absent(scene: Scene, rng: np.random.Generator, strategy: str) -> tuple[str,
         popular = [(c, k) for c, k in pool if k in POPULAR_KINDS]
         pool = popular or pool
     return pool[int(rng.integers(len(pool)))]
+
+
+def existence_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, bool]]:
+    """The yes/no task's questions about ``scene`` as (colour, kind, present): every pair
+    the scene holds, and one absent pair of each of POPE_STRATEGIES."""
+    present = [(c, k, True) for c, k in sorted({(o.color, o.kind) for o in scene.objects})]
+    return present + [(*absent_pair(scene, rng, strategy), False) for strategy in POPE_STRATEGIES]
 
 
 def _rec_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:
@@ -222,7 +231,7 @@ def _pope_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator
         parts = [f"the {color} {kind} [{k}]" for k, _ in enumerate(matches)]
         return Sample("pope", POPE_QUESTION.format(color=color, kind=kind), "yes, " + _join(parts) + ".",
                       answer_objects=matches, truth={"label": "yes", "strategy": "positive"})
-    color, kind = _absent(scene, rng, strategy)
+    color, kind = absent_pair(scene, rng, strategy)
     # A "no" grounds the look-alikes it was told apart from (the asked kind in
     # another colour, else the asked colour on another kind), so the decision is
     # made looking at them, as a "yes" is made looking at its matches.

@@ -47,7 +47,8 @@ from nextchat_ros.model.sam import preprocess_image as sam_preprocess
 from nextchat_ros.model.sam import target_masks
 from nextchat_ros.predictor import NextChatPredictor
 from nextchat_ros.synthetic.evaluate import evaluate, format_metrics
-from nextchat_ros.synthetic.samples import RENDERERS, SPLIT_SEED, SyntheticTabletop
+from nextchat_ros.synthetic.samples import RENDERERS, SPLIT_SEED, SyntheticTabletop, existence_pairs
+from nextchat_ros.synthetic.scenes import COLORS, KINDS
 from nextchat_ros.synthetic.shards import ScenePool
 
 from .batches import Collator, RealItems, StreamSampler, SyntheticItems, object_patch_targets
@@ -64,8 +65,11 @@ from .sharding import (
     save_sharded,
 )
 
+COLOR_NAMES, KIND_NAMES = list(COLORS), list(KINDS)  # class k is the k-th name
+
 # Loss terms logged to metrics.csv (a stage logs those its loss has).
-LOSS_TERMS = ("loss", "lm", "box", "cycle", "mask", "attention", "answer_attention", "attributes", "patch", "object")
+LOSS_TERMS = ("loss", "lm", "box", "cycle", "mask", "attention", "answer_attention", "attributes", "patch", "object",
+              "existence")
 MODULES = ("vision_tower", "projector", "image_position", "region_features", "llm", "box_decoder", "box_encoder",
            "seg_prompt_mlp", "sam.image_encoder", "sam.prompt_encoder", "sam.mask_decoder")
 
@@ -107,6 +111,10 @@ class StageConfig:
     # Vision stage: weight of all the per-patch terms, colour, kind and box (0 teaches
     # the tower through the object term alone, as kind_ceiling.py's grid CNN is taught).
     patch_weight: float = 1.0
+    # Vision stage: weight of the existence term (0 = off): "is there a {colour} {kind}?"
+    # for every pair the scene holds and one absent pair per yes/no strategy, read off
+    # the patches by one attention-like head (ExistenceHead), as the LLM must read it.
+    existence_weight: float = 0.0
     # Weight of the image-token attribute loss (ImageTokenAttributeHeads; synthetic data only).
     image_attributes: float = 0.0
     # A relation's anchor name in the question looks at the anchor (grounding-attention
@@ -152,9 +160,14 @@ class StageConfig:
             if getattr(stage, key) != 1.0 and stage.kind != "vision":
                 raise ValueError(f"{path}: {key} weighs a term of a vision stage's loss; this is a "
                                  f"{stage.kind} stage")
-        if stage.kind == "vision" and stage.patch_weight == 0 and stage.object_weight == 0:
-            raise ValueError(f"{path}: patch_weight and object_weight are both 0: the vision stage would have "
-                             "no loss")
+        if not stage.existence_weight >= 0:
+            raise ValueError(f"{path}: existence_weight must be >= 0")
+        if stage.existence_weight and stage.kind != "vision":
+            raise ValueError(f"{path}: existence_weight weighs a term of a vision stage's loss; this is a "
+                             f"{stage.kind} stage")
+        if stage.kind == "vision" and stage.patch_weight == stage.object_weight == stage.existence_weight == 0:
+            raise ValueError(f"{path}: patch_weight, object_weight and existence_weight are all 0: the vision "
+                             "stage would have no loss")
         if stage.turns_per_image < 1:
             raise ValueError(f"{path}: turns_per_image must be >= 1")
         if stage.parallel not in PARALLEL:
@@ -191,6 +204,10 @@ class TrainConfig:
     # {vision: {image_size: 320, patch_size: 32}} (NextChatConfig.with_changes).
     model: dict | None = None
     init_checkpoint: str | None = None
+    # Modules of init_checkpoint put back to their initialisation (build_model with
+    # this run's seed, as a run from init_preset starts), e.g. to train the LLM
+    # stages afresh over a trained tower and mask decoder. Names as in 'trainable'.
+    init_reset: list[str] | None = None
     seed: int = 0
     final_eval_samples: int = 1000
     # How the synthetic scenes of every stage are drawn: weights over renderers
@@ -215,6 +232,12 @@ class TrainConfig:
                 config.model_config()
             except ValueError as exc:
                 raise ValueError(f"{path}: model: {exc}") from None
+        if config.init_reset:
+            if not config.init_checkpoint:
+                raise ValueError(f"{path}: init_reset resets modules of init_checkpoint; there is none")
+            bad = [m for m in config.init_reset if m not in MODULES]
+            if bad:
+                raise ValueError(f"{path}: unknown modules in 'init_reset': {bad}; known: {MODULES}")
         # stage files are relative to the config file
         config.stages = [str((path.parent / s).resolve()) for s in config.stages]
         return config
@@ -309,10 +332,11 @@ class SamItems(Dataset):
 
 
 class VisionItems(Dataset):
-    """Scene i for the dense vision stage: tower input and per-patch targets."""
+    """Scene i for the dense vision stage: tower input and per-patch targets; with
+    ``existence``, also its yes/no questions as pairs (samples.existence_pairs)."""
 
-    def __init__(self, stream: SyntheticTabletop, config):
-        self.stream, self.config = stream, config
+    def __init__(self, stream: SyntheticTabletop, config, existence: bool = False):
+        self.stream, self.config, self.existence = stream, config, existence
 
     def __len__(self) -> int:
         return 2**62
@@ -327,29 +351,56 @@ class VisionItems(Dataset):
         has = best > 0.15
         boxes = torch.tensor(np.stack([pixels_to_normalized(o.box, h, w) for o in scene.objects]),
                              dtype=torch.float32)
-        return {"pixels": preprocess_image(torch.from_numpy(scene.image.copy()), self.config.vision),
+        item = {"pixels": preprocess_image(torch.from_numpy(scene.image.copy()), self.config.vision),
                 "color": torch.where(has, colors[owner], 0), "kind": torch.where(has, kinds[owner], 0),
                 "box": boxes[owner], "has": has,
                 # per object: its share of each patch, normalised to sum to 1 (attention-like pooling)
                 "objects": (cover / cover.sum(1, keepdim=True).clamp_min(1e-6), colors, kinds)}
+        if self.existence:  # (questions, 3): colour, kind (from 0), present; drawn as item i's own
+            pairs = existence_pairs(scene, np.random.default_rng(index))
+            item["asked"] = torch.tensor([(COLOR_NAMES.index(c), KIND_NAMES.index(k), int(p)) for c, k, p in pairs])
+        return item
+
+
+class ExistenceHead(torch.nn.Module):
+    """Is there a {colour} {kind} among an image's patches? One key per patch (a linear
+    map), a query that adds the colour's and the kind's embeddings, and a soft max of
+    their dot products over the patches: "yes" needs one patch that matches both, as
+    one attention head of the LLM would find it. The vision stage's existence term
+    trains the tower through it; benchmarks/existence_probe.py fits one on a frozen tower."""
+
+    def __init__(self, dim: int, query_dim: int = 64):
+        super().__init__()
+        self.key = torch.nn.Linear(dim, query_dim)
+        self.color = torch.nn.Embedding(len(COLOR_NAMES), query_dim)
+        self.kind = torch.nn.Embedding(len(KIND_NAMES), query_dim)
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, patches: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
+        """patches (images, P, dim); asked (questions, 3) of (image, colour, kind), colour
+        and kind counted from 0: one logit per question."""
+        keys = self.key(patches)[asked[:, 0]]  # each image's keys once, then one row per question
+        query = self.color(asked[:, 1]) + self.kind(asked[:, 2])
+        return torch.logsumexp(torch.einsum("qpd,qd->qp", keys, query), dim=1) + self.bias
 
 
 class VisionHeads(torch.nn.Module):
-    """Per-patch heads of the dense vision stage (discarded afterwards)."""
+    """Per-patch heads of the dense vision stage (discarded afterwards); with
+    ``existence``, also its ExistenceHead."""
 
-    def __init__(self, dim: int):
-        from nextchat_ros.synthetic.scenes import COLORS, KINDS
-
+    def __init__(self, dim: int, existence: bool = False):
         super().__init__()
-        self.color = torch.nn.Linear(dim, len(COLORS) + 1)
-        self.kind = torch.nn.Linear(dim, len(KINDS) + 1)
+        self.color = torch.nn.Linear(dim, len(COLOR_NAMES) + 1)
+        self.kind = torch.nn.Linear(dim, len(KIND_NAMES) + 1)
         self.box = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, 4))
+        # built last, and only when asked for: the other heads' initial weights stay as they were
+        self.existence = ExistenceHead(dim) if existence else None
 
 
 def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items, object_weight: float = 1.0,
                       patch_kind_weight: float = 1.0, patch_weight: float = 1.0,
-                      object_colour_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0] if k != "objects"}
+                      object_colour_weight: float = 1.0, existence_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    batch = {k: torch.stack([i[k] for i in items]).to(model.device) for k in items[0] if k not in ("objects", "asked")}
     features = model.vision_tower(batch["pixels"])  # (B, g*g, C)
     ce = torch.nn.functional.cross_entropy
     patch = ce(heads.color(features).flatten(0, 1), batch["color"].flatten())
@@ -372,7 +423,14 @@ def vision_stage_loss(model: NextChatModel, heads: VisionHeads, items, object_we
         pooled = torch.cat(pooled)
         objects = object_colour_weight * ce(heads.color(pooled), torch.cat(colors).to(model.device)) + \
             ce(heads.kind(pooled), torch.cat(kinds).to(model.device))
-    return {"loss": patch_weight * patch + object_weight * objects, "patch": patch, "object": objects}
+    terms = {"loss": patch_weight * patch + object_weight * objects, "patch": patch, "object": objects}
+    if existence_weight:
+        asked = torch.cat([torch.cat([torch.full((len(i["asked"]), 1), b), i["asked"]], 1)
+                           for b, i in enumerate(items)]).to(model.device)
+        logits = heads.existence(features, asked[:, :3])
+        terms["existence"] = torch.nn.functional.binary_cross_entropy_with_logits(logits, asked[:, 3].to(logits.dtype))
+        terms["loss"] = terms["loss"] + existence_weight * terms["existence"]
+    return terms
 
 
 class ImageTokenAttributeHeads(torch.nn.Module):
@@ -390,8 +448,6 @@ class ImageTokenAttributeHeads(torch.nn.Module):
     """
 
     def __init__(self, dim: int, scale: float = 10.0):
-        from nextchat_ros.synthetic.scenes import COLORS, KINDS
-
         super().__init__()
         self.scale = scale
         self.color = torch.nn.Parameter(torch.randn(len(COLORS), dim) * dim ** -0.5)
@@ -487,11 +543,12 @@ class StageParts:
 def vision_stage(model: NextChatModel, stage: StageConfig, stream: SyntheticTabletop, params: list,
                  seed: int) -> StageParts:
     torch.manual_seed(seed)
-    heads = VisionHeads(model.config.vision.hidden_size).to(model.device)
-    return StageParts(VisionItems(stream, model.config), list_of_items,
+    existence = stage.existence_weight > 0
+    heads = VisionHeads(model.config.vision.hidden_size, existence).to(model.device)
+    return StageParts(VisionItems(stream, model.config, existence), list_of_items,
                       lambda items: vision_stage_loss(model, heads, items, stage.object_weight,
                                                       stage.patch_kind_weight, stage.patch_weight,
-                                                      stage.object_colour_weight), heads,
+                                                      stage.object_colour_weight, stage.existence_weight), heads,
                       params + list(heads.parameters()))
 
 
@@ -768,6 +825,20 @@ class StageLog:
         self.file.close()
 
 
+def initial_model(config: TrainConfig) -> NextChatModel:
+    """The model a run's first stage starts from: init_checkpoint's, with the modules
+    of init_reset given back the weights build_model(its config, seed) starts with;
+    or else init_preset's (with the config's changes), built with the run's seed."""
+    if not config.init_checkpoint:
+        return build_model(config.model_config(), seed=config.seed)
+    model = load_pretrained(config.init_checkpoint)
+    if config.init_reset:
+        fresh = build_model(model.config, seed=config.seed)
+        for name in config.init_reset:
+            model.get_submodule(name).load_state_dict(fresh.get_submodule(name).state_dict())
+    return model
+
+
 def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = None, progress: bool = True,
         final_eval: bool = True) -> Path:
     """Run every stage of a training config; returns the final model directory."""
@@ -777,11 +848,7 @@ def run(config_path: str | Path, device: str = "cpu", max_steps: int | None = No
     rank, _ = dist_info()
     out = Path(config.out)
     torch.manual_seed(config.seed)
-    if config.init_checkpoint:
-        model = load_pretrained(config.init_checkpoint)
-    else:
-        model = build_model(config.model_config(), seed=config.seed)
-    model = model.to(device_t)
+    model = initial_model(config).to(device_t)
     t0 = time.perf_counter()
     timings = {}
     stages = [StageConfig.load(Path(p)) for p in config.stages]
