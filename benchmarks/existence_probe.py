@@ -48,16 +48,14 @@ SEED_OFFSET = 3_200_000_000  # held-out seeds no other benchmark draws
 PROBE_STEPS = 400
 
 
-def questions(scenes) -> list[tuple[int, int, int, int, str]]:
-    """(scene, colour, kind, 1 if present else 0, strategy) for each scene's
-    samples.existence_pairs: every pair it holds, and one absent pair per strategy."""
-    out = []
-    for index, scene in enumerate(scenes):
-        pairs = existence_pairs(scene, np.random.default_rng(index))
-        strategies = ["present"] * (len(pairs) - len(POPE_STRATEGIES)) + list(POPE_STRATEGIES)
-        out += [(index, COLOR_NAMES.index(c), KIND_NAMES.index(k), int(p), strategy)
-                for (c, k, p), strategy in zip(pairs, strategies)]
-    return out
+def questions(scenes) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Each scene's samples.existence_pairs: (questions, 3) of (scene, colour, kind),
+    (questions,) 1 where the pair is present, and each question's strategy."""
+    rows = [(index, COLOR_NAMES.index(c), KIND_NAMES.index(k), strategy)
+            for index, scene in enumerate(scenes)
+            for c, k, strategy in existence_pairs(scene, np.random.default_rng(index))]
+    return (torch.tensor([r[:3] for r in rows]), torch.tensor([int(r[3] == "positive") for r in rows]),
+            [r[3] for r in rows])
 
 
 def fit(patches: torch.Tensor, asked: torch.Tensor, labels: torch.Tensor, seed: int = 0):
@@ -122,25 +120,21 @@ def main(argv=None) -> None:
                        for key, chosen in tqdm(parts.items(), desc=f"features {label(name)}")}
         results[name] = {}
         for source in RENDERERS:
-            train = torch.tensor([q[:3] for q in asked[source, "train"]])
-            probe = fit(patches[source, "train"], train, torch.tensor([q[3] for q in asked[source, "train"]]))
+            pairs, labels, strategies = asked[source, "train"]
+            probe = fit(patches[source, "train"], pairs, labels)
             # how well the probe fits its own training questions: a low figure here is the
             # probe's limit, not the tower's
-            results[name][source] = {"fit": scores(probe(patches[source, "train"], train),
-                                                   torch.tensor([q[3] for q in asked[source, "train"]]),
-                                                   [q[4] for q in asked[source, "train"]])}
+            results[name][source] = {"fit": scores(probe(patches[source, "train"], pairs), labels, strategies)}
             for target in RENDERERS:
-                test = asked[target, "test"]
-                results[name][source][target] = scores(
-                    probe(patches[target, "test"], torch.tensor([q[:3] for q in test])),
-                    torch.tensor([q[3] for q in test]), [q[4] for q in test])
+                pairs, labels, strategies = asked[target, "test"]
+                results[name][source][target] = scores(probe(patches[target, "test"], pairs), labels, strategies)
         print(f"\n{name}: accuracy / AUROC, rows = fit on, columns = tested on")
         print(" " * 10 + "".join(f"{t:>16}" for t in ("fit", *RENDERERS)))
         for source, row in results[name].items():
             print(f"{source:>10}" + "".join(f"{row[t]['accuracy']:>9.3f} /{row[t]['auroc']:.3f}"
                                             for t in ("fit", *RENDERERS)))
-    counts = {f"{r} {part}": len(q) for (r, part), q in asked.items()}
-    present = {r: sum(q[3] for q in asked[r, "test"]) / len(asked[r, "test"]) for r in RENDERERS}
+    counts = {f"{r} {part}": len(labels) for (r, part), (_, labels, _) in asked.items()}
+    present = {r: float(asked[r, "test"][1].float().mean()) for r in RENDERERS}
     majority = {r: max(share, 1 - share) for r, share in present.items()}
     print(f"\nquestions: {counts}; the commoner answer's share of each test set: "
           + ", ".join(f"{r} {v:.3f}" for r, v in majority.items()))

@@ -158,11 +158,12 @@ def absent_pair(scene: Scene, rng: np.random.Generator, strategy: str) -> tuple[
     return pool[int(rng.integers(len(pool)))]
 
 
-def existence_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, bool]]:
-    """The yes/no task's questions about ``scene`` as (colour, kind, present): every pair
-    the scene holds, and one absent pair of each of POPE_STRATEGIES."""
-    present = [(c, k, True) for c, k in sorted({(o.color, o.kind) for o in scene.objects})]
-    return present + [(*absent_pair(scene, rng, strategy), False) for strategy in POPE_STRATEGIES]
+def existence_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """The yes/no task's questions about ``scene`` as (colour, kind, strategy): every pair
+    the scene holds ("positive", as _pope_sample's truth names a yes), and one absent
+    pair of each of POPE_STRATEGIES."""
+    present = [(c, k, "positive") for c, k in sorted({(o.color, o.kind) for o in scene.objects})]
+    return present + [(*absent_pair(scene, rng, strategy), strategy) for strategy in POPE_STRATEGIES]
 
 
 def _rec_sample(scene: Scene, objs: list[SceneObject], rng: np.random.Generator) -> Sample | None:

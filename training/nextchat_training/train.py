@@ -358,7 +358,8 @@ class VisionItems(Dataset):
                 "objects": (cover / cover.sum(1, keepdim=True).clamp_min(1e-6), colors, kinds)}
         if self.existence:  # (questions, 3): colour, kind (from 0), present; drawn as item i's own
             pairs = existence_pairs(scene, np.random.default_rng(index))
-            item["asked"] = torch.tensor([(COLOR_NAMES.index(c), KIND_NAMES.index(k), int(p)) for c, k, p in pairs])
+            item["asked"] = torch.tensor([(COLOR_NAMES.index(c), KIND_NAMES.index(k), int(s == "positive"))
+                                          for c, k, s in pairs])
         return item
 
 
